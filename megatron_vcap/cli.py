@@ -1,0 +1,80 @@
+"""The ``vcap`` command line: one subcommand per area, each defined next to the code it drives.
+
+Each area module exposes ``register(subparsers)``, adding its parser with ``func`` set to the
+handler (``handler(args) -> int``). Modules are imported when the top-level parser is built, so
+they must keep heavy imports (torch, megatron) inside their handlers. User and config mistakes
+(``ConfigError`` / ``ValueError`` subclasses marked user-facing) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megatron_vcap.config.loader import ConfigError
+
+# Subcommand -> module that registers it. Order is the order shown in --help.
+COMMAND_MODULES = {
+    "env": "megatron_vcap.env_report",
+    "train": "megatron_vcap.rl.cli",
+    "demo": "megatron_vcap.rl.demo_cli",
+    "convert": "megatron_vcap.convert.cli",
+    "data": "megatron_vcap.data.cli",
+    "reward": "megatron_vcap.rewards.cli",
+    "eval": "megatron_vcap.eval.cli",
+}
+
+_PENDING_HELP = {
+    "train": "GRPO / SFT training (not built yet)",
+    "demo": "the CPU demo: synthetic data, tiny model, SFT then GRPO (not built yet)",
+    "convert": "Hugging Face <-> Megatron checkpoint conversion (not built yet)",
+    "data": "dataset tools: synth, validate, annotate (not built yet)",
+    "reward": "offline reward scoring (not built yet)",
+    "eval": "DREAM-1K / VDC / CAREBENCH evaluation (not built yet)",
+}
+
+
+def _not_built(name: str):
+    def handler(args) -> int:
+        print(f"vcap {name}: not implemented yet in this build", file=sys.stderr)
+        return 2
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vcap", description="megatron_vcap: GRPO post-training of Qwen-VL video captioners"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module_name in COMMAND_MODULES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            p = sub.add_parser(name, help=_PENDING_HELP[name])
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            p.set_defaults(func=_not_built(name))
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"vcap {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

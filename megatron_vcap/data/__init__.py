@@ -1,0 +1,1 @@
+"""Video data pipeline: decoding, frame sampling, Qwen-VL preprocessing, manifests, loader."""

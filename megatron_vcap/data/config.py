@@ -1,0 +1,42 @@
+"""Data config: manifests, video decoding and Qwen-VL frame sampling / pixel budgets, loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_vcap.config.loader import ConfigError
+
+
+@dataclass
+class DataConfig:
+    train_manifest: str = ""
+    eval_manifest: str = ""
+    # Decoder: decord by default; PyAV is used automatically when decord cannot open a file.
+    video_backend: Literal["decord", "pyav"] = "decord"
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 32
+    # Per-frame pixel budget (paper: <= 360x420 per frame) and optional total budget.
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 360 * 420
+    total_pixels: int | None = None
+    num_workers: int = 2
+    prefetch: int = 2
+    shuffle: bool = True
+    seed: int = 1234
+    # What the loader does with a sample that fails to load: skip and count it, or stop.
+    on_error: Literal["skip", "stop"] = "skip"
+    max_prompt_tokens: int = 8192
+
+    def validate(self) -> None:
+        if self.fps <= 0:
+            raise ConfigError(f"fps: must be > 0, got {self.fps}")
+        if self.min_frames < 1 or self.max_frames < self.min_frames:
+            raise ConfigError(
+                f"max_frames: must be >= min_frames >= 1, got {self.min_frames}..{self.max_frames}"
+            )
+        if self.min_pixels < 1 or self.max_pixels < self.min_pixels:
+            raise ConfigError("max_pixels: must be >= min_pixels >= 1")
+        if self.num_workers < 0:
+            raise ConfigError("num_workers: must be >= 0")

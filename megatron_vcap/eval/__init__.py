@@ -1,0 +1,1 @@
+"""DREAM-1K, VDC and CAREBENCH metrics and the evaluation runner."""

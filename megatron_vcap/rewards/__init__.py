@@ -1,0 +1,1 @@
+"""Rewards: structured-output parser, format / think / caption scores, judges, reward service."""

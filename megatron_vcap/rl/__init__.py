@@ -1,0 +1,1 @@
+"""GRPO and SFT: typed records, advantages, losses, the controller and the trainer."""

@@ -1,0 +1,1 @@
+"""KV-cached batched generation on the Megatron model."""

@@ -1,0 +1,29 @@
+"""Rollout (generation) config: sampling parameters and generation limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_vcap.config.loader import ConfigError
+
+
+@dataclass
+class RolloutConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    max_new_tokens: int = 1024
+    stop_strings: list[str] = field(default_factory=lambda: ["</answer>"])
+    # Prompts generated together (each expands to group_size samples).
+    prompts_per_batch: int = 4
+    share_prefix: bool = True
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k: must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
