@@ -52,6 +52,21 @@ def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
+_ORIG_TENSOR_TYPE = torch.Tensor.type
+
+
+def _tensor_type_as_cuda(self, *args, **kwargs):
+    # Megatron's optimizers dispatch on the legacy type string ("torch.cuda.FloatTensor", ...);
+    # report CPU tensors under their CUDA names so the same code path runs. Only the no-argument
+    # query form is changed; conversions (``t.type(dtype)``) go through untouched.
+    if args or kwargs:
+        return _ORIG_TENSOR_TYPE(self, *args, **kwargs)
+    name = _ORIG_TENSOR_TYPE(self)
+    if name.startswith("torch.") and not name.startswith("torch.cuda."):
+        return "torch.cuda." + name[len("torch.") :]
+    return name
+
+
 def is_active() -> bool:
     return _INSTALLED
 
@@ -74,6 +89,7 @@ def install() -> None:
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.empty_cache = lambda: None
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.Tensor.type = _tensor_type_as_cuda
     mp_random._get_cuda_rng_state = _cpu_get_rng_state
     mp_random._set_cuda_rng_state = _cpu_set_rng_state
     _CudaToCpuMode().__enter__()  # stays on the mode stack for the life of the process
