@@ -1,0 +1,93 @@
+"""Megatron DDP wrapper, (distributed) AdamW and the LR schedule for a policy model.
+
+``build_optimizer`` wraps the model in Megatron's ``DistributedDataParallel`` (contiguous grad
+buffers, fp32 grad reduction), builds Megatron's optimizer (the distributed optimizer shards
+AdamW state over data-parallel ranks) and an ``OptimizerParamScheduler`` for warmup then cosine
+or constant LR. It also wires ``finalize_model_grads`` into the model config so Megatron's
+forward-backward schedules reduce gradients across data-parallel ranks at the end of a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class OptimizerBundle:
+    ddp_model: torch.nn.Module
+    optimizer: object  # megatron.core.optimizer.MegatronOptimizer
+    scheduler: object  # megatron.core.optimizer_param_scheduler.OptimizerParamScheduler
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The unwrapped model (what sharded_state_dict / generation use)."""
+        return self.ddp_model.module
+
+
+def build_optimizer(model, train_cfg, parallel_cfg, *, bf16: bool) -> OptimizerBundle:
+    """Wrap ``model`` in Megatron DDP and build optimizer + scheduler from ``train_cfg``."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = model.config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+    )
+    ddp_model = DistributedDataParallel(config, ddp_config, model)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp_model.no_sync
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=train_cfg.lr,
+        min_lr=train_cfg.min_lr,
+        weight_decay=train_cfg.weight_decay,
+        adam_beta1=train_cfg.adam_beta1,
+        adam_beta2=train_cfg.adam_beta2,
+        adam_eps=train_cfg.adam_eps,
+        clip_grad=train_cfg.grad_clip,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    decay_steps = max(train_cfg.steps, train_cfg.warmup_steps + 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if train_cfg.warmup_steps > 0 else train_cfg.lr,
+        max_lr=train_cfg.lr,
+        min_lr=train_cfg.min_lr if train_cfg.lr_schedule == "cosine" else train_cfg.lr,
+        lr_warmup_steps=train_cfg.warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style="cosine" if train_cfg.lr_schedule == "cosine" else "constant",
+        start_wd=train_cfg.weight_decay,
+        end_wd=train_cfg.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+    return OptimizerBundle(ddp_model, optimizer, scheduler)
+
+
+def optimizer_step(bundle: OptimizerBundle) -> dict[str, float]:
+    """One optimizer + scheduler step after gradients are reduced; returns grad norm and LR."""
+    ok, grad_norm, _ = bundle.optimizer.step()
+    bundle.scheduler.step(increment=1)
+    lr = bundle.optimizer.param_groups[0]["lr"]
+    return {
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "lr": float(lr),
+        "update_skipped": float(not ok),
+    }
+
+
+def zero_grads(bundle: OptimizerBundle) -> None:
+    bundle.ddp_model.zero_grad_buffer()
+    bundle.optimizer.zero_grad()
