@@ -1,0 +1,324 @@
+"""Batched, KV-cached sampling of G responses per prompt on a Megatron model.
+
+Phases (one ``generate`` call):
+
+1. **Layout.** Each of the P x G rows gets its prompt placed in a [rows, columns] token buffer
+   and a [3, rows, columns] mRoPE position buffer. Two layouts (``kv_layout``):
+   ``left_pad`` right-aligns prompts so every row starts generating at the same column and masks
+   the pad columns out of attention (needs an attention that honours ``attention_mask`` while
+   decoding: Megatron's local ``DotProductAttention``); ``aligned`` left-aligns them and, while a
+   longer prompt is still being read, feeds its prompt tokens as decode steps (teacher forcing),
+   which needs no mask at all (Transformer Engine's attention ignores the mask when decoding).
+   ``auto`` picks ``aligned`` when the model uses TE attention and ``left_pad`` otherwise.
+2. **Prefill.** With ``share_prefix``, each prompt runs once (batch 1; the only model call that
+   sees the vision inputs) in a scratch context, and its keys/values are copied to its G rows;
+   without, each row is prefilled on its own copy of the prompt (the baseline for benchmarks).
+3. **Decode.** One token per live row per step, positions of the whole sequence so far passed
+   in (Megatron slices the rotary table by absolute column), decode positions continuing as
+   ``s + rope_delta``. Finished rows are dropped from the batch (cache compaction).
+
+Tokens are chosen on the first rank of the tensor-parallel group and broadcast, so every TP rank
+holds identical responses. Pipeline and context parallel generation are not supported.
+
+Shape legend: P = prompts, G = samples per prompt, B = rows (P x G, or the live subset),
+C = cache columns, S = prompt tokens, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_vcap.config.loader import ConfigError
+from megatron_vcap.rollout.kv_cache import SlotKVCache, new_prefill_context
+from megatron_vcap.rollout.sampling import SamplingParams, chosen_token_logprobs, sample_tokens
+from megatron_vcap.rollout.stopping import DecodeFn, StopChecker
+from megatron_vcap.rollout.types import GenerationOutput, PromptSpec
+
+KV_LAYOUTS = ("auto", "left_pad", "aligned")
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "config"):
+        model = model.module
+    return model
+
+
+def uses_te_attention(model) -> bool:
+    """Whether any attention core is Transformer Engine's (which ignores masks when decoding)."""
+    return any(type(m).__name__.startswith("TE") and "Attention" in type(m).__name__
+               for m in model.modules())  # fmt: skip
+
+
+def resolve_kv_layout(model, kv_layout: str) -> str:
+    if kv_layout not in KV_LAYOUTS:
+        raise ConfigError(f"kv_layout: expected one of {list(KV_LAYOUTS)}, got {kv_layout!r}")
+    if kv_layout == "auto":
+        return "aligned" if uses_te_attention(model) else "left_pad"
+    if kv_layout == "left_pad" and uses_te_attention(model):
+        raise ConfigError("kv_layout: 'left_pad' needs masked decode attention; TE ignores it")
+    return kv_layout
+
+
+def check_generation_parallelism(model, tp_group: dist.ProcessGroup | None) -> None:
+    """Reject layouts generation does not support, with a message that says what to change."""
+    config = getattr(_unwrap(model), "config", None)
+    if config is None:
+        return
+    if getattr(config, "pipeline_model_parallel_size", 1) > 1:
+        raise ConfigError(
+            "parallel.pipeline_model_parallel_size: rollout generation does not support pipeline "
+            "parallelism; generate with pipeline_model_parallel_size=1 (use tensor parallelism)"
+        )
+    if getattr(config, "context_parallel_size", 1) > 1:
+        raise ConfigError("parallel.context_parallel_size: rollout generation needs 1")
+    if getattr(config, "sequence_parallel", False):
+        raise ConfigError(
+            "parallel.sequence_parallel: one-token decode steps cannot be split over the sequence;"
+            " generate with a model built without sequence parallelism"
+        )
+    tp = getattr(config, "tensor_model_parallel_size", 1)
+    if tp > 1 and (tp_group is None or dist.get_world_size(tp_group) != tp):
+        raise ConfigError(f"generate: the model is split over TP={tp}; pass its tp_group")
+
+
+@dataclass
+class _Layout:
+    """Where every row's tokens live in the cache and where its generation begins."""
+
+    prompt_of_row_B: torch.Tensor
+    shift_B: torch.Tensor  # column of the row's first prompt token
+    gen_start_B: torch.Tensor  # column of the row's first generated token
+    tokens_BC: torch.Tensor
+    positions_3BC: torch.Tensor
+    pad_BC: torch.Tensor | None  # True on columns that hold no token of the row
+    first_decode_column: int
+
+
+def _build_layout(prompts, group_size, max_new_tokens, kv_layout, device) -> _Layout:
+    lengths = [p.length for p in prompts]
+    longest = max(lengths)
+    capacity = longest + max_new_tokens
+    rows = len(prompts) * group_size
+    tokens_BC = torch.zeros(rows, capacity, dtype=torch.long)
+    positions_3BC = torch.zeros(3, rows, capacity, dtype=torch.long)
+    pad_BC = torch.zeros(rows, capacity, dtype=torch.bool)
+    shift_B = torch.zeros(rows, dtype=torch.long)
+    for p, prompt in enumerate(prompts):
+        shift = longest - prompt.length if kv_layout == "left_pad" else 0
+        row = slice(p * group_size, (p + 1) * group_size)
+        end = shift + prompt.length
+        tokens_BC[row, shift:end] = prompt.input_ids_S.cpu()
+        positions_3BC[:, row, shift:end] = prompt.position_ids_3S.cpu()[:, None, :]
+        positions_3BC[:, row, end:] = prompt.response_position_ids_3R(capacity - end)[:, None, :]
+        pad_BC[row, :shift] = True
+        shift_B[row] = shift
+    gen_start_B = shift_B + torch.tensor(lengths).repeat_interleave(group_size)
+    return _Layout(
+        prompt_of_row_B=torch.arange(len(prompts)).repeat_interleave(group_size),
+        shift_B=shift_B,
+        gen_start_B=gen_start_B,
+        tokens_BC=tokens_BC.to(device),
+        positions_3BC=positions_3BC.to(device),
+        pad_BC=pad_BC.to(device) if bool(pad_BC.any()) else None,
+        first_decode_column=int(gen_start_B.min()),
+    )
+
+
+def _call_model(model, tokens_BS, positions_3BS, mask, context, extra):
+    out = model(
+        tokens_BS,
+        positions_3BS,
+        mask,
+        inference_context=context,
+        runtime_gather_output=True,
+        **extra,
+    )
+    return out[:, -1].float()
+
+
+def _prefill(model, prompts, layout, cache, group_size, share_prefix) -> torch.Tensor:
+    """Prefill every row's prompt into ``cache``; returns the last-position logits_BV."""
+    device = layout.tokens_BC.device
+    logits_rows = [None] * (len(prompts) * group_size)
+    for p, prompt in enumerate(prompts):
+        rows = list(range(p * group_size, (p + 1) * group_size))
+        if share_prefix:
+            chunks = [(rows, 1)]  # one pass, broadcast to the group
+        elif prompt.vision_kwargs:
+            chunks = [([r], 1) for r in rows]  # vision inputs are per call: one copy per call
+        else:
+            chunks = [(rows, group_size)]  # G copies in one batch
+        ids_1S = prompt.input_ids_S.to(device)[None]
+        pos_31S = prompt.position_ids_3S.to(device)[:, None]
+        for target_rows, batch in chunks:
+            context = new_prefill_context(batch, prompt.length)
+            logits_bV = _call_model(
+                model,
+                ids_1S.expand(batch, -1),
+                pos_31S.expand(-1, batch, -1),
+                None,
+                context,
+                prompt.vision_kwargs,
+            )
+            source = torch.arange(batch).repeat_interleave(len(target_rows) // batch)
+            target = torch.tensor(target_rows)
+            cache.write_prefix(
+                context, source, target, prompt.length, int(layout.shift_B[target_rows[0]])
+            )
+            for i, r in enumerate(target_rows):
+                logits_rows[r] = logits_bV[int(source[i])]
+            del context
+    return torch.stack(logits_rows)
+
+
+class _Decoder:
+    """Per-row responses and the live batch, advanced one token per step."""
+
+    def __init__(self, model, layout, cache, params, stopper, generator, tp_group, logprobs):
+        self.model, self.layout, self.cache = model, layout, cache
+        self.params, self.stopper, self.generator = params, stopper, generator
+        self.tp_group, self.want_logprobs = tp_group, logprobs
+        rows = layout.tokens_BC.size(0)
+        self.live_B = torch.arange(rows, device=layout.tokens_BC.device)
+        self.responses: list[list[int]] = [[] for _ in range(rows)]
+        self.logprobs: list[list[float]] = [[] for _ in range(rows)]
+        self.finish: list[str | None] = [None] * rows
+
+    def _choose(self, logits_bV: torch.Tensor) -> torch.Tensor:
+        group = self.tp_group
+        if group is None or dist.get_world_size(group) == 1:
+            return sample_tokens(logits_bV, self.params, self.generator)
+        src = dist.get_global_rank(group, 0)
+        if dist.get_rank() == src:
+            tokens_b = sample_tokens(logits_bV, self.params, self.generator)
+        else:
+            tokens_b = torch.empty(logits_bV.size(0), dtype=torch.long, device=logits_bV.device)
+        dist.broadcast(tokens_b, src=src, group=group)
+        return tokens_b
+
+    def emit(self, rows_b: torch.Tensor, logits_bV: torch.Tensor) -> None:
+        """Choose the next token of each of ``rows_b`` from its logits and record it."""
+        tokens_b = self._choose(logits_bV)
+        columns_b = self.layout.gen_start_B.to(rows_b.device)[rows_b] + torch.tensor(
+            [len(self.responses[r]) for r in rows_b.tolist()], device=rows_b.device
+        )
+        self.layout.tokens_BC[rows_b, columns_b] = tokens_b
+        logp_b = None
+        if self.want_logprobs:
+            logp_b = chosen_token_logprobs(logits_bV, tokens_b, self.params).tolist()
+        for i, (row, token) in enumerate(zip(rows_b.tolist(), tokens_b.tolist())):
+            self.responses[row].append(token)
+            if logp_b is not None:
+                self.logprobs[row].append(logp_b[i])
+            self.finish[row] = self.stopper.check(self.responses[row])
+
+    def drop_finished(self) -> None:
+        keep = [i for i, r in enumerate(self.live_B.tolist()) if self.finish[r] is None]
+        if len(keep) == self.live_B.numel():
+            return
+        keep_b = torch.tensor(keep, dtype=torch.long, device=self.live_B.device)
+        self.live_B = self.live_B[keep_b]
+        if keep:
+            self.cache.keep_rows(keep_b)
+
+    def step(self, column: int) -> None:
+        """Feed every live row's token at ``column``; sample where the row is generating."""
+        live_B, layout = self.live_B, self.layout
+        mask = None
+        if layout.pad_BC is not None:
+            mask = layout.pad_BC[live_B, : column + 1][:, None, None, :]
+        logits_BV = _call_model(
+            self.model,
+            layout.tokens_BC[live_B, column : column + 1],
+            layout.positions_3BC[:, live_B, : column + 1],
+            mask,
+            self.cache.context,
+            {},
+        )
+        # Rows still reading their prompt (aligned layout) only refresh their cache here.
+        generating_B = layout.gen_start_B.to(live_B.device)[live_B] <= column
+        if bool(generating_B.any()):
+            self.emit(live_B[generating_B], logits_BV[generating_B])
+        self.drop_finished()
+        self.cache.advance()
+
+
+def generate(
+    model,
+    prompts: list[PromptSpec],
+    *,
+    sampling: SamplingParams,
+    group_size: int = 1,
+    decode_fn: DecodeFn | None = None,
+    seed: int | None = None,
+    share_prefix: bool = True,
+    return_logprobs: bool = False,
+    kv_layout: str = "auto",
+    tp_group: dist.ProcessGroup | None = None,
+) -> list[GenerationOutput]:
+    """Sample ``group_size`` responses for each prompt; outputs ordered by (prompt, sample).
+
+    ``model(input_ids_BS, position_ids_3BS, attention_mask, *, inference_context,
+    runtime_gather_output, **vision_kwargs)`` must return logits [B, S, V]. ``decode_fn`` turns
+    token ids into text for ``sampling.stop_strings``. ``seed`` makes sampling reproducible
+    (None draws one from torch's global RNG, identically on every rank). ``tp_group`` is the
+    model's tensor-parallel group (tokens are chosen on its first rank and broadcast).
+    """
+    if not prompts:
+        return []
+    if group_size < 1:
+        raise ConfigError(f"group_size: must be >= 1, got {group_size}")
+    check_generation_parallelism(model, tp_group)
+    layout_kind = resolve_kv_layout(model, kv_layout)
+    stopper = StopChecker(sampling, decode_fn)
+    device = next(model.parameters()).device
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            layout = _build_layout(
+                prompts, group_size, sampling.max_new_tokens, layout_kind, device
+            )
+            cache = SlotKVCache(layout.tokens_BC.size(0), layout.tokens_BC.size(1))
+            first_logits_BV = _prefill(model, prompts, layout, cache, group_size, share_prefix)
+            decoder = _Decoder(
+                model, layout, cache, sampling, stopper, generator, tp_group, return_logprobs
+            )
+            # Every row's first token comes from its prompt's prefill logits.
+            first_rows_B = torch.arange(first_logits_BV.size(0), device=device)
+            generating_B = layout.gen_start_B.to(device) == layout.first_decode_column
+            decoder.emit(first_rows_B[generating_B], first_logits_BV[generating_B])
+            pending = first_rows_B[~generating_B]  # aligned layout: longer prompts start later
+            pending_logits_BV = first_logits_BV[~generating_B]
+            decoder.drop_finished()
+            column = layout.first_decode_column
+            cache.start_decoding(column)
+            while decoder.live_B.numel() > 0:
+                starting = layout.gen_start_B.to(device)[pending] == column
+                if bool(starting.any()):
+                    decoder.emit(pending[starting], pending_logits_BV[starting])
+                    pending, pending_logits_BV = pending[~starting], pending_logits_BV[~starting]
+                    decoder.drop_finished()
+                    if decoder.live_B.numel() == 0:
+                        break
+                decoder.step(column)
+                column += 1
+    finally:
+        model.train(was_training)
+    return [
+        GenerationOutput(
+            prompt_index=r // group_size,
+            sample_index=r % group_size,
+            response_ids_R=torch.tensor(decoder.responses[r], dtype=torch.long),
+            finish_reason=decoder.finish[r],
+            logprobs_R=torch.tensor(decoder.logprobs[r]) if return_logprobs else None,
+        )
+        for r in range(len(prompts) * group_size)
+    ]
