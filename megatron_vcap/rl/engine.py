@@ -1,0 +1,141 @@
+"""Forward / backward over micro-batches through Megatron's schedules, and loss closures.
+
+Every pass over model weights in the trainer (policy update, reference and old log-probs, SFT)
+goes through :func:`run_microbatches`, which hands Megatron's ``get_forward_backward_func`` the
+micro-batches, so pipeline parallelism and gradient reduction behave as in any Megatron run.
+Loss closures return the *global-batch contribution* of a micro-batch (see ``rl/losses.py``);
+Megatron's schedule divides by the number of micro-batches and DDP averages over data-parallel
+ranks, so the closures multiply both back (``undo_averaging``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from megatron_vcap.rl.batch import MicroBatch
+from megatron_vcap.rl.losses import compute_grpo_loss, compute_vocab_parallel_logprobs_and_entropy
+
+
+def run_microbatches(
+    model,
+    micro_batches: Sequence[MicroBatch],
+    loss_fn: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]],
+    *,
+    forward_only: bool,
+) -> list[dict]:
+    """Run the schedule; returns the loss closures' metric dicts (last pipeline stage only)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, model_chunk):
+        mb = next(data_iterator)
+        output = model_chunk(
+            mb.tokens_BL,
+            mb.position_ids_3BL,
+            None,
+            runtime_gather_output=False,
+            **mb.model_kwargs(),
+        )
+        return output, functools.partial(loss_fn, mb)
+
+    seq_len = max(mb.tokens_BL.shape[1] for mb in micro_batches)
+    mbs = max(mb.tokens_BL.shape[0] for mb in micro_batches)
+    config = getattr(model, "config", None) or model.module.config
+    # Rows differ in length between micro-batches; pipeline p2p must then exchange shapes.
+    config.variable_seq_lengths = True
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_len,
+        micro_batch_size=mbs,
+        forward_only=forward_only,
+    )
+
+
+def token_logprobs(mb: MicroBatch, logits_BLv: torch.Tensor, *, tp_group, temperature: float):
+    """(logp_BT, entropy_BT) of each row's targets from vocab-parallel logits."""
+    return compute_vocab_parallel_logprobs_and_entropy(
+        logits_BLv[:, :-1].float(), mb.targets_BT, tp_group=tp_group, temperature=temperature
+    )
+
+
+def logprob_loss_fn(*, tp_group, temperature: float, key: str):
+    """Forward-only closure that stores each micro-batch's target log-probs under ``key``."""
+
+    def loss_fn(mb: MicroBatch, logits_BLv: torch.Tensor):
+        logp_BT, _ = token_logprobs(mb, logits_BLv, tp_group=tp_group, temperature=temperature)
+        return torch.zeros((), device=logp_BT.device), {key: logp_BT.detach()}
+
+    return loss_fn
+
+
+def grpo_loss_fn(grpo_cfg, *, tp_group, temperature: float, normaliser: float, undo_averaging):
+    """Training closure: clipped GRPO loss of one micro-batch, scaled for Megatron's averaging."""
+
+    def loss_fn(mb: MicroBatch, logits_BLv: torch.Tensor):
+        logp_BT, entropy_BT = token_logprobs(
+            mb, logits_BLv, tp_group=tp_group, temperature=temperature
+        )
+        loss, metrics = compute_grpo_loss(
+            logp_BT,
+            mb.old_logp_BT,
+            mb.ref_logp_BT,
+            mb.adv_B,
+            mb.target_mask_BT,
+            clip_eps_low=grpo_cfg.clip_eps_low,
+            clip_eps_high=grpo_cfg.clip_eps_high,
+            kl_beta=grpo_cfg.kl_beta,
+            kl_estimator=grpo_cfg.kl_estimator,
+            aggregation=grpo_cfg.loss_aggregation,
+            normaliser=normaliser,
+            entropy_BT=entropy_BT.detach(),
+        )
+        metrics["loss"] = loss.detach()
+        return loss * undo_averaging, metrics
+
+    return loss_fn
+
+
+def sft_loss_fn(*, tp_group, normaliser: float, undo_averaging):
+    """Token-mean cross-entropy over the global batch's target tokens."""
+
+    def loss_fn(mb: MicroBatch, logits_BLv: torch.Tensor):
+        logp_BT, _ = token_logprobs(mb, logits_BLv, tp_group=tp_group, temperature=1.0)
+        nll = -(logp_BT * mb.target_mask_BT).sum()
+        loss = nll / normaliser
+        n = mb.target_mask_BT.sum()
+        metrics = {
+            "loss": loss.detach(),
+            "num_tokens": n.detach(),
+            "nll_mean": (nll / n.clamp(min=1)).detach(),
+        }
+        return loss * undo_averaging, metrics
+
+    return loss_fn
+
+
+def reduce_microbatch_metrics(outputs: Sequence[dict]) -> dict[str, float]:
+    """Token-weighted means of per-micro-batch metrics; ``loss`` is summed (contributions)."""
+    if not outputs:
+        return {}
+    total_tokens = sum(float(o.get("num_tokens", 1.0)) for o in outputs)
+    result: dict[str, float] = {}
+    for key in outputs[0]:
+        if key == "num_tokens":
+            result["num_tokens"] = total_tokens
+        elif key == "loss":
+            result["loss"] = sum(float(o["loss"]) for o in outputs)
+        elif key in ("ratio_max",):
+            result[key] = max(float(o[key]) for o in outputs)
+        elif key in ("ratio_min",):
+            result[key] = min(float(o[key]) for o in outputs)
+        else:
+            weights = [float(o.get("num_tokens", 1.0)) for o in outputs]
+            result[key] = sum(float(o[key]) * w for o, w in zip(outputs, weights)) / max(
+                sum(weights), 1e-9
+            )
+    return result

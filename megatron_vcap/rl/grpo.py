@@ -1,0 +1,220 @@
+"""The GRPO controller: one call per phase, reading like the algorithm.
+
+    step(items):
+        rollouts   = generate(items)                 # G samples per prompt, KV-cached, same model
+        handle     = rewards.submit(rollouts)        # rule scores now, judge scores in background
+        batch      = build_rows(rollouts)
+        ref_logp   = reference_logprobs(batch)       # overlaps with the judge calls
+        rewards    = handle.result()                 # first point that waits on the judge
+        adv        = group_advantages(rewards)
+        update(batch, adv)                           # clipped surrogate + k3 KL, one optimizer step
+
+Data parallelism: each DP rank gets its own prompts from the loader; groups never span ranks, so
+advantages are rank-local. Within a model-parallel group every rank sees the same prompts and
+generates the same tokens; only its first rank talks to the reward service and broadcasts the
+rewards, so the judge is asked once per sample.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_vcap.rl.advantages import compute_group_advantages
+from megatron_vcap.rl.batch import build_row, split_micro_batches
+from megatron_vcap.rl.engine import (
+    grpo_loss_fn,
+    logprob_loss_fn,
+    reduce_microbatch_metrics,
+    run_microbatches,
+)
+from megatron_vcap.rl.losses import compute_loss_normaliser
+from megatron_vcap.rl.metrics_log import PhaseTimer
+from megatron_vcap.rl.optim import optimizer_step, zero_grads
+from megatron_vcap.rl.policy import PromptBuilder, decode_responses, gather_rank_metrics
+
+
+@dataclass
+class RolloutBatch:
+    """The generated samples of one step on this rank, in (prompt, sample) order."""
+
+    items: list  # loader items, one per prompt
+    prompts: list  # PromptSpec per prompt
+    outputs: list  # GenerationOutput per sample
+    texts: list[str]
+
+
+class GRPOController:
+    def __init__(
+        self, cfg, ctx, bundle, reference, tokenizer, prompt_builder: PromptBuilder, reward_service
+    ):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.bundle = bundle
+        self.reference = reference
+        self.tokenizer = tokenizer
+        self.prompts = prompt_builder
+        self.rewards = reward_service
+        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        self._rollout_seed = cfg.train.seed * 1000 + ctx.dp_rank
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def generate(self, items, step: int) -> RolloutBatch:
+        from megatron_vcap.rollout.generate import generate
+        from megatron_vcap.rollout.sampling import SamplingParams
+
+        specs = [self.prompts.prompt_spec(item) for item in items]
+        sampling = SamplingParams.from_config(self.cfg.rollout, self.prompts.eos_token_ids)
+        model = self.bundle.model
+        model.eval()
+        with torch.no_grad():
+            outputs = generate(
+                model,
+                specs,
+                sampling=sampling,
+                group_size=self.cfg.grpo.group_size,
+                decode_fn=self.prompts.decode,
+                seed=self._rollout_seed + 7919 * step,
+                share_prefix=self.cfg.rollout.share_prefix,
+                tp_group=self.ctx.tp_group,
+            )
+        model.train()
+        texts = decode_responses(self.tokenizer, outputs)
+        return RolloutBatch(items, specs, outputs, texts)
+
+    def submit_rewards(self, rollouts: RolloutBatch):
+        """Send every sample to the reward service (model-parallel leader only)."""
+        if not self._is_mp_leader():
+            return None
+        requests = self.prompts.reward_requests(rollouts.items, rollouts.outputs, rollouts.texts)
+        return self.rewards.submit(requests)
+
+    def build_rows(self, rollouts: RolloutBatch):
+        rows = []
+        for i, out in enumerate(rollouts.outputs):
+            spec = rollouts.prompts[out.prompt_index]
+            rows.append(
+                build_row(
+                    spec.input_ids_S,
+                    spec.position_ids_3S,
+                    spec.rope_delta,
+                    out.response_ids_R,
+                    vision=spec.vision_kwargs,
+                    index=i,
+                )
+            )
+        return rows
+
+    def reference_logprobs(self, micro_batches) -> None:
+        if self.cfg.grpo.kl_beta <= 0:
+            return
+        with self.reference.on_device() as ref_model, torch.no_grad():
+            outputs = run_microbatches(
+                ref_model,
+                micro_batches,
+                logprob_loss_fn(
+                    tp_group=self.ctx.tp_group, temperature=self.temperature, key="logp"
+                ),
+                forward_only=True,
+            )
+        if self.ctx.is_last_stage:
+            for mb, out in zip(micro_batches, outputs):
+                mb.ref_logp_BT = out["logp"]
+
+    def collect_rewards(self, handle, num_samples: int):
+        """Wait for the judge; broadcast (reward, valid) over the model-parallel group."""
+        rewards_B = torch.zeros(num_samples, dtype=torch.float64)
+        valid_B = torch.ones(num_samples, dtype=torch.float64)
+        results = None
+        if handle is not None:
+            results = handle.result()
+            drop = self.cfg.reward.on_judge_failure == "drop"
+            for i, r in enumerate(results):
+                rewards_B[i] = r.total
+                valid_B[i] = 0.0 if (r.failed and drop) else 1.0
+        group = self._mp_group()
+        if group is not None:
+            src = dist.get_global_rank(group, 0)
+            packed = torch.stack([rewards_B, valid_B]).to(self.ctx.device)
+            dist.broadcast(packed, src=src, group=group)
+            rewards_B, valid_B = packed.cpu()
+        return rewards_B.float(), valid_B.bool(), results
+
+    def update(self, micro_batches) -> dict[str, float]:
+        grpo = self.cfg.grpo
+        normaliser = compute_loss_normaliser(
+            [mb.target_mask_BT for mb in micro_batches],
+            aggregation=grpo.loss_aggregation,
+            group=self.ctx.dp_cp_group,
+        )
+        zero_grads(self.bundle)
+        loss_fn = grpo_loss_fn(
+            grpo,
+            tp_group=self.ctx.tp_group,
+            temperature=self.temperature,
+            normaliser=normaliser,
+            undo_averaging=len(micro_batches) * self.ctx.dp_size * self.ctx.cp_size,
+        )
+        outputs = run_microbatches(
+            self.bundle.ddp_model, micro_batches, loss_fn, forward_only=False
+        )
+        metrics = reduce_microbatch_metrics(outputs)
+        metrics.update(optimizer_step(self.bundle))
+        return metrics
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def step(self, items, step: int) -> dict[str, float]:
+        timer = PhaseTimer()
+        grpo = self.cfg.grpo
+        with timer.phase("rollout"):
+            t0 = time.perf_counter()
+            rollouts = self.generate(items, step)
+            gen_seconds = time.perf_counter() - t0
+        handle = self.submit_rewards(rollouts)
+        rows = self.build_rows(rollouts)
+        micro_batches = split_micro_batches(
+            rows, self.cfg.train.micro_batch_size, self.prompts.pad_token_id
+        )
+        with timer.phase("ref_logp"):
+            self.reference_logprobs(micro_batches)
+        with timer.phase("reward_wait"):
+            rewards_B, valid_B, results = self.collect_rewards(handle, len(rows))
+        adv_B, adv_metrics = compute_group_advantages(
+            rewards_B, group_size=grpo.group_size, scale_by_std=grpo.scale_by_std, valid_B=valid_B
+        )
+        for mb in micro_batches:
+            idx = torch.tensor(mb.indices)
+            mb.adv_B = adv_B[idx]
+            mb.target_mask_BT = mb.target_mask_BT * valid_B[idx].float()[:, None]
+        with timer.phase("update"):
+            update_metrics = self.update(micro_batches)
+        resp_tokens = sum(o.num_tokens for o in rollouts.outputs)
+        metrics = {
+            **update_metrics,
+            **{f"adv/{k}": v for k, v in adv_metrics.items()},
+            "response_len": resp_tokens / max(len(rollouts.outputs), 1),
+            "tokens_per_s": resp_tokens / max(gen_seconds, 1e-9),
+            **timer.as_metrics(),
+        }
+        if results is not None:
+            from megatron_vcap.rewards.service import summarize_results
+
+            metrics.update({f"reward/{k}": v for k, v in summarize_results(results).items()})
+        return gather_rank_metrics(metrics, self.ctx)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _mp_group(self):
+        from megatron.core import parallel_state as ps
+
+        if self.ctx.tp_size * self.ctx.pp_size == 1:
+            return None
+        return ps.get_model_parallel_group()
+
+    def _is_mp_leader(self) -> bool:
+        return self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0

@@ -1,0 +1,129 @@
+"""Glue between data items, the model and the reward service; the frozen reference policy.
+
+* :class:`PromptBuilder` turns a loader item (sample + processed video + prompt ids) into the
+  ``PromptSpec`` generation needs (mRoPE ids from the model's rope index, vision inputs), knows the
+  tokenizer's stop tokens, and builds reward requests from generated samples.
+* :class:`ReferencePolicy` holds the frozen initial weights; with ``offload`` it keeps them on the
+  CPU between reference passes (GPU memory is then free for the policy).
+* :func:`gather_rank_metrics` merges metric dicts of the data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from megatron_vcap.rollout.types import PromptSpec
+
+# Chat-template tokens whose appearance ends an assistant turn.
+_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, hf_config):
+        self.tokenizer = tokenizer
+        self.hf_config = hf_config
+        ids = []
+        for tok in _STOP_TOKENS:
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+                ids.append(tid)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+            ids.append(tokenizer.eos_token_id)
+        if not ids:
+            raise ValueError("tokenizer: none of <|im_end|>, <|endoftext|> or an EOS token exist")
+        self.eos_token_ids = ids
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else ids[-1]
+
+    def prompt_spec(self, item) -> PromptSpec:
+        from megatron_vcap.models.mrope import compute_mrope_position_ids
+
+        input_ids_S = torch.as_tensor(item.prompt.input_ids, dtype=torch.long)
+        video = item.video
+        position_ids, deltas = compute_mrope_position_ids(
+            input_ids_S[None],
+            video_grid_thw=video.video_grid_thw,
+            second_per_grid_ts=torch.tensor([video.second_per_grid_ts], dtype=torch.float32),
+            hf_config=self.hf_config,
+        )
+        vision = {
+            "pixel_values_videos": video.pixel_values_videos,
+            "video_grid_thw": video.video_grid_thw,
+        }
+        return PromptSpec(input_ids_S, position_ids[:, 0], int(deltas.reshape(-1)[0]), vision)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def reward_requests(self, items, outputs, texts):
+        from megatron_vcap.rewards.service import RewardRequest
+
+        requests = []
+        for out, text in zip(outputs, texts):
+            sample = items[out.prompt_index].sample
+            requests.append(
+                RewardRequest(
+                    sample_id=f"{sample.id}/{out.sample_index}",
+                    response=text,
+                    caption=sample.caption,
+                    subjects=sample.subjects,
+                    events=sample.events,
+                )
+            )
+        return requests
+
+
+def decode_responses(tokenizer, outputs) -> list[str]:
+    """Response texts without chat special tokens (what the reward parser reads)."""
+    return [tokenizer.decode(o.response_ids_R.tolist(), skip_special_tokens=True) for o in outputs]
+
+
+class ReferencePolicy:
+    """Frozen copy of the initial policy weights used for the KL penalty."""
+
+    def __init__(self, model: torch.nn.Module, *, offload: bool):
+        """``model``: a separately built instance already holding the initial weights."""
+        self.model = model
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.offload = offload and torch.cuda.is_available()
+        self._device = next(self.model.parameters()).device
+        if self.offload:
+            self.model.to("cpu")
+
+    @contextlib.contextmanager
+    def on_device(self):
+        if self.offload:
+            self.model.to(self._device)
+        try:
+            yield self.model
+        finally:
+            if self.offload:
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+
+
+def _merge(dicts: list[dict[str, float]]) -> dict[str, float]:
+    """Counts (``*_count``, ``count/*``) are summed over ranks; everything else is averaged."""
+    keys = sorted({k for d in dicts for k in d})
+    merged = {}
+    for key in keys:
+        values = [float(d[key]) for d in dicts if key in d]
+        is_count = key.endswith("_count") or "/count" in key or key.startswith("count/")
+        merged[key] = sum(values) if is_count else sum(values) / len(values)
+    return merged
+
+
+def gather_rank_metrics(metrics: dict[str, float], ctx) -> dict[str, float]:
+    """Merge this step's metrics over data-parallel ranks (every rank gets the result)."""
+    metrics = {k: float(v) for k, v in metrics.items()}
+    group = ctx.dp_group_gloo
+    if group is None or ctx.dp_size == 1:
+        return metrics
+    gathered: list = [None] * ctx.dp_size
+    dist.all_gather_object(gathered, metrics, group=group)
+    return _merge(gathered)

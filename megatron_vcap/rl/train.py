@@ -1,0 +1,210 @@
+"""The trainer: builds every component from a validated JobConfig and runs GRPO or SFT steps.
+
+Time, data and checkpoints live here; the model/optimizer/algorithm live in the controllers
+(``grpo.py``, ``sft.py``). Run under ``torchrun`` or ``srun`` via ``vcap train``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_vcap.config.loader import ConfigError, to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    ctx: object
+    hf_dir: Path
+    hf_config: object
+    tokenizer: object
+    bundle: object
+    reference: object | None
+    prompt_builder: object
+
+
+def resolve_hf_dir(cfg) -> Path:
+    """The model directory (config.json + tokenizer/processor files) the run is built from."""
+    pretrained = cfg.checkpoint.pretrained
+    if pretrained and (Path(pretrained) / "hf" / "config.json").is_file():
+        return Path(pretrained) / "hf"
+    if not cfg.model.hf_path:
+        raise ConfigError("model.hf_path: empty; name a Hugging Face model directory")
+    path = Path(cfg.model.hf_path)
+    if path.is_file():
+        path = path.parent
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.hf_path: {path} has no config.json")
+    return path
+
+
+def build_policy(cfg, hf_config, hf_dir: Path):
+    """The policy model with its initial weights (pretrained checkpoint, HF weights, or random)."""
+    from megatron_vcap.models.qwen_vl import build_qwen_vl_model
+
+    model = build_qwen_vl_model(
+        hf_config, cfg.model, sequence_parallel=cfg.parallel.sequence_parallel
+    )
+    if cfg.checkpoint.pretrained:
+        from megatron_vcap.convert.checkpoint import load_model_checkpoint
+
+        load_model_checkpoint(cfg.checkpoint.pretrained, model)
+    elif any(hf_dir.glob("*.safetensors")):
+        from megatron_vcap.convert.checkpoint import load_hf_weights
+
+        load_hf_weights(model, hf_dir)
+    else:
+        log.warning("no weights in %s and no checkpoint.pretrained: random initial weights", hf_dir)
+    return model
+
+
+def build_components(cfg, ctx) -> Components:
+    from transformers import AutoTokenizer
+
+    from megatron_vcap.models.hf_config import load_hf_config
+    from megatron_vcap.rl.optim import build_optimizer
+    from megatron_vcap.rl.policy import PromptBuilder, ReferencePolicy
+
+    hf_dir = resolve_hf_dir(cfg)
+    hf_config = load_hf_config(hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    model = build_policy(cfg, hf_config, hf_dir)
+    reference = None
+    if cfg.train.mode == "grpo" and cfg.grpo.kl_beta > 0:
+        from megatron_vcap.models.qwen_vl import build_qwen_vl_model
+
+        ref_model = build_qwen_vl_model(
+            hf_config,
+            cfg.model,
+            init_weights=False,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+        )
+        ref_model.load_state_dict(model.state_dict(), strict=False)
+        reference = ReferencePolicy(ref_model, offload=cfg.grpo.reference_on_cpu)
+    bundle = build_optimizer(model, cfg.train, cfg.parallel, bf16=cfg.model.params_dtype == "bf16")
+    return Components(
+        ctx, hf_dir, hf_config, tokenizer, bundle, reference, PromptBuilder(tokenizer, hf_config)
+    )
+
+
+def items_per_step(cfg, ctx) -> int:
+    total = cfg.grpo.prompts_per_step if cfg.train.mode == "grpo" else cfg.train.global_batch_size
+    name = "grpo.prompts_per_step" if cfg.train.mode == "grpo" else "train.global_batch_size"
+    if total % ctx.dp_size != 0:
+        raise ConfigError(
+            f"{name}: {total} is not divisible by the data-parallel size {ctx.dp_size}"
+        )
+    return total // ctx.dp_size
+
+
+def build_data(cfg, ctx, tokenizer):
+    from megatron_vcap.data.loader import build_loader
+    from megatron_vcap.data.manifest import load_manifest
+
+    if not cfg.data.train_manifest:
+        raise ConfigError("data.train_manifest: empty; name a JSONL manifest")
+    samples = load_manifest(cfg.data.train_manifest)
+    return build_loader(
+        samples,
+        cfg.data,
+        tokenizer,
+        dp_rank=ctx.dp_rank,
+        dp_size=ctx.dp_size,
+        seed=cfg.data.seed,
+        mode="rollout" if cfg.train.mode == "grpo" else "sft",
+    )
+
+
+def build_controller(cfg, comps: Components):
+    if cfg.train.mode == "sft":
+        from megatron_vcap.rl.sft import SFTController
+
+        return SFTController(cfg, comps.ctx, comps.bundle, comps.prompt_builder), None
+    from megatron_vcap.rewards.service import RewardService
+    from megatron_vcap.rl.grpo import GRPOController
+
+    if comps.ctx.pp_size > 1:
+        raise ConfigError(
+            "parallel.pipeline_model_parallel_size: GRPO rollouts need PP = 1 "
+            "(use tensor parallelism; SFT supports PP)"
+        )
+    leader = comps.ctx.tp_rank == 0 and comps.ctx.pp_rank == 0
+    service = RewardService(cfg.reward, cfg.judge) if leader else None
+    controller = GRPOController(
+        cfg,
+        comps.ctx,
+        comps.bundle,
+        comps.reference,
+        comps.tokenizer,
+        comps.prompt_builder,
+        service,
+    )
+    return controller, service
+
+
+def train_main(cfg) -> int:
+    """Entry point of ``vcap train`` (after config validation)."""
+    from megatron_vcap.config.job import save_resolved_config
+    from megatron_vcap.parallel.runtime import destroy_distributed, init_distributed
+    from megatron_vcap.rl.checkpointing import CheckpointManager, find_latest
+    from megatron_vcap.rl.metrics_log import MetricsLogger
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    run_dir = Path(cfg.train.run_dir)
+    if ctx.rank == 0:
+        save_resolved_config(cfg, run_dir)
+    comps = build_components(cfg, ctx)
+    loader = build_data(cfg, ctx, comps.tokenizer)
+    n_items = items_per_step(cfg, ctx)
+    save_dir = Path(cfg.checkpoint.save_dir or run_dir / "checkpoints")
+    ckpt = CheckpointManager(
+        save_dir, keep_last=cfg.checkpoint.keep_last, hf_assets_dir=comps.hf_dir
+    )
+    start = resume(cfg, ckpt, comps.bundle, loader, save_dir, find_latest)
+    controller, service = build_controller(cfg, comps)
+    logger = MetricsLogger(
+        run_dir, cfg.logging, enabled=ctx.is_logging_rank, config_dict=to_dict(cfg)
+    )
+    try:
+        for step in range(start, cfg.train.steps):
+            items = loader.next_batch(n_items)
+            metrics = controller.step(items, step)
+            metrics.update({f"data/{k}": float(v) for k, v in loader.metrics().items()})
+            logger.log(step + 1, metrics, prefix=cfg.train.mode)
+            done = step + 1 == cfg.train.steps
+            interval = cfg.checkpoint.save_interval
+            if done or (interval and (step + 1) % interval == 0):
+                ckpt.save(
+                    step + 1,
+                    comps.bundle,
+                    trainer_state={"scheduler": comps.bundle.scheduler.state_dict()},
+                    rank_state={"loader": loader.state_dict()},
+                )
+    finally:
+        logger.close()
+        if service is not None:
+            service.close()
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
+    destroy_distributed()
+    return 0
+
+
+def resume(cfg, ckpt, bundle, loader, save_dir: Path, find_latest) -> int:
+    """Restore the newest checkpoint if asked; returns the step to start from."""
+    load = cfg.checkpoint.load
+    if not load:
+        return 0
+    path = find_latest(save_dir) if load == "auto" else Path(load)
+    if path is None:
+        return 0
+    trainer, rank_state = ckpt.load(path, bundle)
+    if "loader" in rank_state:
+        loader.load_state_dict(rank_state["loader"])
+    log.info("resumed from %s at step %d", path, trainer["step"])
+    return int(trainer["step"])
