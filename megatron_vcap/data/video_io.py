@@ -11,6 +11,7 @@ and carrying a short ``reason`` that the loader counts in its metrics.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,13 +71,32 @@ def check_resolution(path: str, width: int, height: int) -> None:
         )
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Drop native writes to fd 2 for a moment: decord logs open failures from C++ regardless
+    of its log level, and the error we raise already says what went wrong."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class DecordReader:
     """decord.VideoReader wrapper; ``get_batch`` seeks per frame, so sparse reads stay cheap."""
 
     def __init__(self, path: str, num_threads: int = 0):
         import decord
 
-        self._vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
+        with _stderr_silenced():
+            self._vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
         height, width = self._vr[0].shape[:2] if len(self._vr) else (0, 0)
         self._vr.seek(0)
         self.meta = VideoMeta(
@@ -219,7 +239,7 @@ def read_video_frames(
     reason = next(
         (e.reason for _, e in reversed(errors) if isinstance(e, VideoDataError)), "unreadable"
     )
-    detail = "; ".join(f"{name}: {_short(exc)}" for name, exc in errors)
+    detail = "; ".join(f"{name}: {_short(exc).replace(path, 'the file')}" for name, exc in errors)
     raise VideoDataError(path, reason, f"cannot decode ({detail})")
 
 
