@@ -1,0 +1,35 @@
+"""``vcap demo [--out DIR]``: the CPU demo (see ``rl/demo.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run(args) -> int:
+    from megatron_vcap.rl.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        num_train=args.num_train,
+        num_eval=args.num_eval,
+        sft_steps=args.sft_steps,
+        grpo_steps=args.grpo_steps,
+        nproc=args.nproc,
+        seed=args.seed,
+    )
+    run_demo(Path(args.out), settings)
+    return 0
+
+
+def register(sub) -> None:
+    from megatron_vcap.rl.demo import DemoSettings
+
+    d = DemoSettings()
+    p = sub.add_parser("demo", help="CPU demo: synthetic videos, tiny model, SFT then GRPO, eval")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--num-train", type=int, default=d.num_train)
+    p.add_argument("--num-eval", type=int, default=d.num_eval)
+    p.add_argument("--sft-steps", type=int, default=d.sft_steps)
+    p.add_argument("--grpo-steps", type=int, default=d.grpo_steps)
+    p.add_argument("--nproc", type=int, default=d.nproc, help="gloo ranks per stage")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=run)
