@@ -1,0 +1,1 @@
+"""Shipped YAML recipes (package data), e.g. the CPU demo config."""
