@@ -26,6 +26,7 @@ __all__ = [
     "compute_grpo_loss",
     "compute_kl",
     "compute_loss_normaliser",
+    "compute_sequence_logprobs",
     "compute_token_logprobs_and_entropy",
     "compute_vocab_parallel_logprobs_and_entropy",
 ]
@@ -256,3 +257,23 @@ def compute_vocab_parallel_logprobs_and_entropy(
     if temperature != 1.0:
         logits_BTv = logits_BTv / temperature
     return _LogProbEntropy.apply(logits_BTv, tokens_BT, tp_group)
+
+
+def compute_sequence_logprobs(
+    logits_BTV: torch.Tensor,
+    tokens_BT: torch.Tensor,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp_BT, entropy_BT)`` aligned with ``tokens_BT`` from the model's logits over it.
+
+    The model's output at position t predicts token t + 1, so column 0 (no context) is 0 in both
+    outputs; this is the layout of ``TrainBatch.ref_logp_BT`` / ``old_logp_BT``. ``logits_BTV``
+    may be this rank's vocabulary shard when ``tp_group`` is given.
+    """
+    logp_BT1, entropy_BT1 = compute_vocab_parallel_logprobs_and_entropy(
+        logits_BTV[:, :-1], tokens_BT[:, 1:], tp_group=tp_group, temperature=temperature
+    )
+    pad_B1 = logp_BT1.new_zeros(logp_BT1.size(0), 1)
+    return torch.cat([pad_B1, logp_BT1], dim=1), torch.cat([pad_B1, entropy_BT1], dim=1)

@@ -178,3 +178,23 @@ def test_unsupported_parallel_layouts_are_rejected():
         check_generation_parallelism(Fake(sequence_parallel=True), None)
     with pytest.raises(ConfigError, match="tp_group"):
         check_generation_parallelism(Fake(tensor_model_parallel_size=2), None)
+
+
+def test_sampler_logprobs_equal_trainer_logprobs_over_the_train_batch(model, prompts):
+    """Generation -> Rollout -> TrainBatch -> full forward: the response positions the trainer
+    sees continue the prompt's mRoPE ids exactly as decoding did."""
+    from megatron_vcap.rl.losses import compute_sequence_logprobs
+    from megatron_vcap.rl.records import Rollout, build_train_batch
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    outs = generate(model, prompts, sampling=params, group_size=2, seed=0, return_logprobs=True)
+    rollouts = [
+        Rollout.from_generation(o, prompts[o.prompt_index], f"s{i}") for i, o in enumerate(outs)
+    ]
+    batch = build_train_batch(rollouts, prompts, torch.zeros(len(rollouts)))
+    with torch.no_grad():
+        logits = model(batch.tokens_BT, batch.position_ids_3BT, None)
+    logp_BT, _ = compute_sequence_logprobs(logits, batch.tokens_BT)
+    for b, r in enumerate(rollouts):
+        trainer = logp_BT[b][batch.loss_mask_BT[b] > 0]
+        torch.testing.assert_close(trainer, r.sampler_logp_R, atol=1e-5, rtol=0)
