@@ -1,0 +1,208 @@
+"""Layer specs: the one place that chooses Transformer Engine or Megatron's local layers.
+
+``use_transformer_engine`` decides from ``ModelConfig.transformer_impl`` (TE when it is importable
+and CUDA is present under "auto"). ``build_layer_spec`` builds the transformer-layer ``ModuleSpec``
+used by both the language model and the vision tower from the chosen backend: TE fuses the
+pre-attention / pre-MLP norms into the following linear layers (``TELayerNormColumnParallelLinear``)
+and supports FP8; the local backend keeps separate norms and maps their checkpoint keys to TE's
+names so that checkpoints load under either backend.
+
+The vision tower attends within each image / video frame (Qwen2-VL, and Qwen2.5-VL's full-attention
+blocks) or each window (Qwen2.5-VL's other blocks) of one packed sequence. TE's attention does
+that for THD-packed inputs; Megatron's local ``DotProductAttention`` rejects packed sequences, so
+on the local backend :class:`PackedSDPAttention` plugs in instead (SDPA per segment, segments of
+equal length batched together).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_vcap.config.loader import ConfigError
+from megatron_vcap.models.config import ModelConfig
+
+# Local norms are renamed to TE's fused-norm names in checkpoints (what Megatron's GPT local spec
+# does too), so a checkpoint converted on a CPU machine loads into the TE model on a GPU.
+LOCAL_TO_TE_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_transformer_engine(model_cfg: ModelConfig) -> bool:
+    """Whether to build with TE layers; raises when TE is demanded but cannot run here."""
+    impl = model_cfg.transformer_impl
+    if impl == "local":
+        return False
+    available = transformer_engine_available() and torch.cuda.is_available()
+    if impl == "transformer_engine" and not available:
+        raise ConfigError(
+            "model.transformer_impl: 'transformer_engine' needs Transformer Engine and CUDA "
+            "(use 'auto' or 'local' on this machine)"
+        )
+    if model_cfg.fp8 is not None and not available:
+        raise ConfigError("model.fp8: FP8 needs Transformer Engine and CUDA")
+    return available
+
+
+def _backend(use_te: bool):
+    if use_te:
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    from megatron.core.models.backends import LocalSpecProvider
+
+    return LocalSpecProvider()
+
+
+class PackedSDPAttention(MegatronModule):
+    """Bidirectional core attention over packed segments, for the vision tower on local layers.
+
+    Takes what Megatron's ``Attention`` hands a core-attention module. With THD packing
+    (``packed_seq_params.qkv_format == "thd"``) query/key/value are [t, heads, head_dim] and
+    attention stays inside each ``cu_seqlens_q`` segment; without packing they are
+    [s, b, heads, head_dim] and each sequence is one segment. Returns [t, heads * head_dim]
+    (or [s, b, heads * head_dim]).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ConfigError("context parallelism needs Transformer Engine attention")
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        assert attention_mask is None and attention_bias is None, "segments are the only mask"
+        if packed_seq_params is None:  # [s, b, h, d]: each batch row is one segment
+            s, b = query.shape[:2]
+            out = self._attend(*(x.permute(1, 2, 0, 3) for x in (query, key, value)))
+            return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        assert packed_seq_params.qkv_format == "thd"
+        cu = packed_seq_params.cu_seqlens_q.tolist()
+        out = torch.empty_like(query)
+        lengths = torch.tensor([e - s for s, e in zip(cu[:-1], cu[1:])])
+        starts = torch.tensor(cu[:-1])
+        for length in lengths.unique().tolist():
+            if length == 0:
+                continue
+            rows = starts[lengths == length][:, None] + torch.arange(length)  # [n_seg, L]
+            q, k, v = (x[rows].transpose(1, 2) for x in (query, key, value))  # [n, h, L, d]
+            out[rows] = self._attend(q, k, v).transpose(1, 2)
+        return out.reshape(out.shape[0], -1)
+
+    def _attend(self, q, k, v):
+        if k.shape[1] != q.shape[1]:  # grouped-query attention
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.softmax_scale,
+        )
+
+
+def build_layer_spec(use_te: bool, *, rms_norm: bool, vision: bool) -> ModuleSpec:
+    """A transformer layer: norm, self-attention, residual, norm, MLP, residual.
+
+    ``vision`` selects bidirectional attention over packed segments (no causal mask); otherwise
+    the layer is a causal decoder layer. Norm kind and MLP shape (gated or not, activation, biases)
+    come from the layer's ``TransformerConfig``.
+    """
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+
+    backend = _backend(use_te)
+    fused_norm = backend.fuse_layernorm_and_linear()
+    norm = IdentityOp if fused_norm else backend.layer_norm(rms_norm=rms_norm)
+    norm_linear = (
+        backend.column_parallel_layer_norm_linear()
+        if fused_norm
+        else backend.column_parallel_linear()
+    )
+    if vision:
+        core_attention = backend.core_attention() if use_te else PackedSDPAttention
+        mask_type = AttnMaskType.no_mask
+    else:
+        core_attention = backend.core_attention()
+        mask_type = AttnMaskType.causal
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=norm_linear,
+                    core_attention=core_attention,
+                    linear_proj=backend.row_parallel_linear(),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=norm_linear, linear_fc2=backend.row_parallel_linear()
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={} if fused_norm else dict(LOCAL_TO_TE_KEYS),
+        ),
+    )
+
+
+def build_norm_module(use_te: bool, *, rms_norm: bool):
+    """A stand-alone norm (the vision merger's ``ln_q``); built as ``cls(config, hidden, eps)``."""
+    return _backend(use_te).layer_norm(rms_norm=rms_norm)
+
+
+def build_mlp_submodules(use_te: bool) -> MLPSubmodules:
+    """Column- then row-parallel linear layers (the vision merger's MLP)."""
+    backend = _backend(use_te)
+    return MLPSubmodules(
+        linear_fc1=backend.column_parallel_linear(), linear_fc2=backend.row_parallel_linear()
+    )
