@@ -85,24 +85,25 @@ def summarize_results(results: list[RewardResult]) -> dict[str, float]:
     """Metrics of one batch: mean/std per component, failure counts by reason.
 
     Caption and total statistics skip judge-failed samples (they have no caption score); format
-    and think cover every sample. Empty statistics are NaN.
+    and think cover every sample. Empty statistics are NaN. Keys carry no prefix (the trainer
+    logs them under ``reward/``): ``total_mean``, ``judge_failure/timeout``, ...
     """
-    out: dict[str, float] = {"reward/count": float(len(results))}
+    out: dict[str, float] = {"count": float(len(results))}
     ok = [r for r in results if not r.failed]
     for name in ("format", "think", "caption", "total"):
         pool = results if name in ("format", "think") else ok
         mean, std = _mean_std([getattr(r, name) for r in pool])
-        out[f"reward/{name}_mean"], out[f"reward/{name}_std"] = mean, std
+        out[f"{name}_mean"], out[f"{name}_std"] = mean, std
     coverage = [r.details["coverage"] for r in ok if "coverage" in r.details]
     if coverage:
-        out["reward/coverage_mean"] = sum(coverage) / len(coverage)
-    out["reward/judge_failed"] = float(len(results) - len(ok))
+        out["coverage_mean"] = sum(coverage) / len(coverage)
+    out["judge_failed"] = float(len(results) - len(ok))
     for code, n in Counter(failure_code(r.failure_reason) for r in results if r.failed).items():
-        out[f"reward/judge_failure/{code}"] = float(n)
+        out[f"judge_failure/{code}"] = float(n)
     parse_failures = Counter(r.parse_failure for r in results if r.parse_failure)
-    out["reward/parse_failed"] = float(sum(parse_failures.values()))
+    out["parse_failed"] = float(sum(parse_failures.values()))
     for code, n in parse_failures.items():
-        out[f"reward/parse_failure/{code}"] = float(n)
+        out[f"parse_failure/{code}"] = float(n)
     return out
 
 
