@@ -65,10 +65,9 @@ class GRPOController:
 
     def generate(self, items, step: int) -> RolloutBatch:
         from megatron_vcap.rollout.generate import generate
-        from megatron_vcap.rollout.sampling import SamplingParams
 
         specs = [self.prompts.prompt_spec(item) for item in items]
-        sampling = SamplingParams.from_config(self.cfg.rollout, self.prompts.eos_token_ids)
+        sampling = self.prompts.sampling_params(self.cfg.rollout)
         model = self.bundle.model
         model.eval()
         with torch.no_grad():

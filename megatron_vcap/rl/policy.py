@@ -37,6 +37,23 @@ class PromptBuilder:
         self.eos_token_ids = ids
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else ids[-1]
+        # Vision placeholders are only ever inserted by the prompt builder, never generated.
+        vision_tokens = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+        self.suppress_token_ids = [
+            t
+            for t in (tokenizer.convert_tokens_to_ids(v) for v in vision_tokens)
+            if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id
+        ]
+
+    def sampling_params(self, rollout_cfg, **overrides):
+        from megatron_vcap.rollout.sampling import SamplingParams
+
+        return SamplingParams.from_config(
+            rollout_cfg,
+            self.eos_token_ids,
+            suppress_token_ids=self.suppress_token_ids,
+            **overrides,
+        )
 
     def prompt_spec(self, item) -> PromptSpec:
         from megatron_vcap.models.mrope import compute_mrope_position_ids

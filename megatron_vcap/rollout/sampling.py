@@ -25,6 +25,10 @@ class SamplingParams:
     stop_strings: list[str] = field(default_factory=list)
     # ... or once its tokens end with one of these id sequences.
     stop_token_ids: list[list[int]] = field(default_factory=list)
+    # Never sampled (e.g. vision placeholders, which only the prompt may contain). The trainer's
+    # log-probs are over the full vocabulary; these tokens' probability is negligible once the
+    # policy has learnt the chat format.
+    suppress_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -82,6 +86,9 @@ def sample_tokens(
     logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Next tokens_B: argmax when greedy, else a draw from the filtered, tempered softmax."""
+    if params.suppress_token_ids:
+        logits_BV = logits_BV.clone()
+        logits_BV[..., params.suppress_token_ids] = float("-inf")
     if params.greedy:
         return logits_BV.argmax(-1)
     scaled_BV = logits_BV.float() / params.temperature
