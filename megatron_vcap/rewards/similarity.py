@@ -123,6 +123,8 @@ class EmbeddingCache:
         self.max_entries = max_entries
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self.encode_calls = 0  # model calls made, and texts they encoded (for metrics / tests)
+        self.encoded_texts = 0
 
     def encode(self, texts: Iterable[str]) -> None:
         """Make sure every text has an embedding; the missing ones go through one encode call."""
@@ -138,6 +140,8 @@ class EmbeddingCache:
                 show_progress_bar=False,
             )
             with self._lock:
+                self.encode_calls += 1
+                self.encoded_texts += len(missing)
                 for text, vec in zip(missing, vectors):
                     self._vectors[text] = vec.astype(np.float32)
                 while len(self._vectors) > self.max_entries:

@@ -85,7 +85,11 @@ class EmbeddedJudge(Judge):
         )
 
     def stats(self) -> dict[str, int]:
-        return {"batches": self._calls}
+        return {
+            "batches": self._calls,
+            "encode_calls": self.cache.encode_calls,
+            "encoded_texts": self.cache.encoded_texts,
+        }
 
     # ------------------------------------------------------------ synchronous core
     def entail_sync(self, premise: str, hypotheses: list[str]) -> list[str]:
