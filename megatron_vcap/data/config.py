@@ -21,8 +21,11 @@ class DataConfig:
     min_pixels: int = 128 * 28 * 28
     max_pixels: int = 360 * 420
     total_pixels: int | None = None
+    # decord/PyAV decoder threads per process (0: the library's default).
+    decode_threads: int = 0
     num_workers: int = 2
-    prefetch: int = 2
+    prefetch: int = 2  # items each worker decodes ahead of the consumer
+    worker_start_method: Literal["fork", "spawn", "forkserver"] = "fork"
     shuffle: bool = True
     seed: int = 1234
     # What the loader does with a sample that fails to load: skip and count it, or stop.
@@ -32,11 +35,19 @@ class DataConfig:
     def validate(self) -> None:
         if self.fps <= 0:
             raise ConfigError(f"fps: must be > 0, got {self.fps}")
-        if self.min_frames < 1 or self.max_frames < self.min_frames:
+        if self.min_frames < 1 or self.max_frames < max(self.min_frames, 2):
             raise ConfigError(
-                f"max_frames: must be >= min_frames >= 1, got {self.min_frames}..{self.max_frames}"
+                f"max_frames: must be >= max(min_frames, 2), min_frames >= 1; got {self.min_frames}..{self.max_frames}"
             )
         if self.min_pixels < 1 or self.max_pixels < self.min_pixels:
             raise ConfigError("max_pixels: must be >= min_pixels >= 1")
         if self.num_workers < 0:
             raise ConfigError("num_workers: must be >= 0")
+        if self.prefetch < 1:
+            raise ConfigError(f"prefetch: must be >= 1, got {self.prefetch}")
+        if self.decode_threads < 0:
+            raise ConfigError(f"decode_threads: must be >= 0, got {self.decode_threads}")
+        if self.total_pixels is not None and self.total_pixels < self.min_pixels:
+            raise ConfigError("total_pixels: must be >= min_pixels")
+        if self.max_prompt_tokens < 1:
+            raise ConfigError("max_prompt_tokens: must be >= 1")

@@ -172,7 +172,7 @@ def parse_manifest(path: str | os.PathLike) -> tuple[list[Sample], list[Problem]
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 problems.append(Problem(line_no, f"invalid JSON: {exc.msg} (column {exc.colno})"))
                 continue

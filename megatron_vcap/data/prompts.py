@@ -145,6 +145,18 @@ def build_prompt(
     )
 
 
+def append_target(
+    tokenizer, prompt: PromptInputs, target_text: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [S], labels [S]): prompt + target + ``<|im_end|>``, labels -100 on the prompt."""
+    im_end = special_token_ids(tokenizer)["<|im_end|>"]
+    target = tokenizer(target_text, add_special_tokens=False)["input_ids"] + [im_end]
+    target_t = torch.tensor(target, dtype=torch.long)
+    input_ids = torch.cat([prompt.input_ids, target_t])
+    labels = torch.cat([torch.full_like(prompt.input_ids, IGNORE_INDEX), target_t])
+    return input_ids, labels
+
+
 def build_sft_example(
     tokenizer,
     video: VideoInputs,
@@ -154,8 +166,8 @@ def build_sft_example(
     system_prompt: str | None = None,
     merge_size: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids [S], labels [S]): prompt + target + ``<|im_end|>``; labels are -100 on the
-    prompt so only the response (and its closing ``<|im_end|>``) is learned."""
+    """(input_ids [S], labels [S]) for SFT: the prompt, then ``target_text`` + ``<|im_end|>``;
+    labels are -100 on the prompt so only the response and its closing token are learned."""
     prompt = build_prompt(
         tokenizer,
         video,
@@ -163,9 +175,4 @@ def build_sft_example(
         system_prompt=system_prompt,
         merge_size=merge_size,
     )
-    im_end = special_token_ids(tokenizer)["<|im_end|>"]
-    target = tokenizer(target_text, add_special_tokens=False)["input_ids"] + [im_end]
-    target_t = torch.tensor(target, dtype=torch.long)
-    input_ids = torch.cat([prompt.input_ids, target_t])
-    labels = torch.cat([torch.full_like(prompt.input_ids, IGNORE_INDEX), target_t])
-    return input_ids, labels
+    return append_target(tokenizer, prompt, target_text)
