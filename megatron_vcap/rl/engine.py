@@ -15,14 +15,21 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from megatron_vcap.rl.batch import MicroBatch
-from megatron_vcap.rl.losses import compute_grpo_loss, compute_vocab_parallel_logprobs_and_entropy
+from megatron_vcap.rl.losses import compute_grpo_loss, compute_sequence_logprobs
+from megatron_vcap.rl.records import TrainBatch
+
+
+def model_vision_kwargs(mb: TrainBatch) -> dict[str, torch.Tensor]:
+    """Vision inputs in row order: each row's prompt patches concatenated, grids stacked."""
+    per_row = mb.vision_for_rows()
+    keys = sorted({k for v in per_row for k in v})
+    return {key: torch.cat([v[key] for v in per_row if key in v], dim=0) for key in keys}
 
 
 def run_microbatches(
     model,
-    micro_batches: Sequence[MicroBatch],
-    loss_fn: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]],
+    micro_batches: Sequence[TrainBatch],
+    loss_fn: Callable[[TrainBatch, torch.Tensor], tuple[torch.Tensor, dict]],
     *,
     forward_only: bool,
 ) -> list[dict]:
@@ -32,16 +39,16 @@ def run_microbatches(
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator)
         output = model_chunk(
-            mb.tokens_BL,
-            mb.position_ids_3BL,
+            mb.tokens_BT,
+            mb.position_ids_3BT,
             None,
             runtime_gather_output=False,
-            **mb.model_kwargs(),
+            **model_vision_kwargs(mb),
         )
         return output, functools.partial(loss_fn, mb)
 
-    seq_len = max(mb.tokens_BL.shape[1] for mb in micro_batches)
-    mbs = max(mb.tokens_BL.shape[0] for mb in micro_batches)
+    seq_len = max(mb.tokens_BT.shape[1] for mb in micro_batches)
+    mbs = max(mb.tokens_BT.shape[0] for mb in micro_batches)
     config = getattr(model, "config", None) or model.module.config
     # Rows differ in length between micro-batches; pipeline p2p must then exchange shapes.
     config.variable_seq_lengths = True
@@ -56,18 +63,18 @@ def run_microbatches(
     )
 
 
-def token_logprobs(mb: MicroBatch, logits_BLv: torch.Tensor, *, tp_group, temperature: float):
-    """(logp_BT, entropy_BT) of each row's targets from vocab-parallel logits."""
-    return compute_vocab_parallel_logprobs_and_entropy(
-        logits_BLv[:, :-1].float(), mb.targets_BT, tp_group=tp_group, temperature=temperature
+def token_logprobs(mb: TrainBatch, logits_BTv: torch.Tensor, *, tp_group, temperature: float):
+    """(logp_BT, entropy_BT) aligned with ``mb.tokens_BT`` from vocab-parallel logits."""
+    return compute_sequence_logprobs(
+        logits_BTv.float(), mb.tokens_BT, tp_group=tp_group, temperature=temperature
     )
 
 
 def logprob_loss_fn(*, tp_group, temperature: float, key: str):
     """Forward-only closure that stores each micro-batch's target log-probs under ``key``."""
 
-    def loss_fn(mb: MicroBatch, logits_BLv: torch.Tensor):
-        logp_BT, _ = token_logprobs(mb, logits_BLv, tp_group=tp_group, temperature=temperature)
+    def loss_fn(mb: TrainBatch, logits_BTv: torch.Tensor):
+        logp_BT, _ = token_logprobs(mb, logits_BTv, tp_group=tp_group, temperature=temperature)
         return torch.zeros((), device=logp_BT.device), {key: logp_BT.detach()}
 
     return loss_fn
@@ -76,16 +83,16 @@ def logprob_loss_fn(*, tp_group, temperature: float, key: str):
 def grpo_loss_fn(grpo_cfg, *, tp_group, temperature: float, normaliser: float, undo_averaging):
     """Training closure: clipped GRPO loss of one micro-batch, scaled for Megatron's averaging."""
 
-    def loss_fn(mb: MicroBatch, logits_BLv: torch.Tensor):
+    def loss_fn(mb: TrainBatch, logits_BTv: torch.Tensor):
         logp_BT, entropy_BT = token_logprobs(
-            mb, logits_BLv, tp_group=tp_group, temperature=temperature
+            mb, logits_BTv, tp_group=tp_group, temperature=temperature
         )
         loss, metrics = compute_grpo_loss(
             logp_BT,
             mb.old_logp_BT,
             mb.ref_logp_BT,
             mb.adv_B,
-            mb.target_mask_BT,
+            mb.loss_mask_BT,
             clip_eps_low=grpo_cfg.clip_eps_low,
             clip_eps_high=grpo_cfg.clip_eps_high,
             kl_beta=grpo_cfg.kl_beta,
@@ -103,11 +110,11 @@ def grpo_loss_fn(grpo_cfg, *, tp_group, temperature: float, normaliser: float, u
 def sft_loss_fn(*, tp_group, normaliser: float, undo_averaging):
     """Token-mean cross-entropy over the global batch's target tokens."""
 
-    def loss_fn(mb: MicroBatch, logits_BLv: torch.Tensor):
-        logp_BT, _ = token_logprobs(mb, logits_BLv, tp_group=tp_group, temperature=1.0)
-        nll = -(logp_BT * mb.target_mask_BT).sum()
+    def loss_fn(mb: TrainBatch, logits_BTv: torch.Tensor):
+        logp_BT, _ = token_logprobs(mb, logits_BTv, tp_group=tp_group, temperature=1.0)
+        nll = -(logp_BT * mb.loss_mask_BT).sum()
         loss = nll / normaliser
-        n = mb.target_mask_BT.sum()
+        n = mb.loss_mask_BT.sum()
         metrics = {
             "loss": loss.detach(),
             "num_tokens": n.detach(),

@@ -3,7 +3,7 @@
     step(items):
         rollouts   = generate(items)                 # G samples per prompt, KV-cached, same model
         handle     = rewards.submit(rollouts)        # rule scores now, judge scores in background
-        batch      = build_rows(rollouts)
+        batch      = build_batch(rollouts)
         ref_logp   = reference_logprobs(batch)       # overlaps with the judge calls
         rewards    = handle.result()                 # first point that waits on the judge
         adv        = group_advantages(rewards)
@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_vcap.rl.advantages import compute_group_advantages
-from megatron_vcap.rl.batch import build_row, split_micro_batches
 from megatron_vcap.rl.engine import (
     grpo_loss_fn,
     logprob_loss_fn,
@@ -35,6 +34,7 @@ from megatron_vcap.rl.losses import compute_loss_normaliser
 from megatron_vcap.rl.metrics_log import PhaseTimer
 from megatron_vcap.rl.optim import optimizer_step, zero_grads
 from megatron_vcap.rl.policy import PromptBuilder, decode_responses, gather_rank_metrics
+from megatron_vcap.rl.records import Rollout, build_train_batch
 
 
 @dataclass
@@ -92,21 +92,21 @@ class GRPOController:
         requests = self.prompts.reward_requests(rollouts.items, rollouts.outputs, rollouts.texts)
         return self.rewards.submit(requests)
 
-    def build_rows(self, rollouts: RolloutBatch):
-        rows = []
-        for i, out in enumerate(rollouts.outputs):
-            spec = rollouts.prompts[out.prompt_index]
-            rows.append(
-                build_row(
-                    spec.input_ids_S,
-                    spec.position_ids_3S,
-                    spec.rope_delta,
-                    out.response_ids_R,
-                    vision=spec.vision_kwargs,
-                    index=i,
-                )
+    def build_batch(self, rollouts: RolloutBatch):
+        """Padded prompt + response rows; advantages are filled in once rewards arrive."""
+        records = [
+            Rollout.from_generation(
+                out,
+                rollouts.prompts[out.prompt_index],
+                f"{rollouts.items[out.prompt_index].sample.id}/{out.sample_index}",
+                text,
             )
-        return rows
+            for out, text in zip(rollouts.outputs, rollouts.texts)
+        ]
+        adv_B = torch.zeros(len(records))
+        return build_train_batch(
+            records, rollouts.prompts, adv_B, pad_token_id=self.prompts.pad_token_id
+        )
 
     def reference_logprobs(self, micro_batches) -> None:
         if self.cfg.grpo.kl_beta <= 0:
@@ -146,7 +146,7 @@ class GRPOController:
     def update(self, micro_batches) -> dict[str, float]:
         grpo = self.cfg.grpo
         normaliser = compute_loss_normaliser(
-            [mb.target_mask_BT for mb in micro_batches],
+            [mb.loss_mask_BT for mb in micro_batches],
             aggregation=grpo.loss_aggregation,
             group=self.ctx.dp_cp_group,
         )
@@ -175,21 +175,21 @@ class GRPOController:
             rollouts = self.generate(items, step)
             gen_seconds = time.perf_counter() - t0
         handle = self.submit_rewards(rollouts)
-        rows = self.build_rows(rollouts)
-        micro_batches = split_micro_batches(
-            rows, self.cfg.train.micro_batch_size, self.prompts.pad_token_id
-        )
+        batch = self.build_batch(rollouts)
+        micro_batches = batch.micro_batches(self.cfg.train.micro_batch_size)
         with timer.phase("ref_logp"):
             self.reference_logprobs(micro_batches)
         with timer.phase("reward_wait"):
-            rewards_B, valid_B, results = self.collect_rewards(handle, len(rows))
+            rewards_B, valid_B, results = self.collect_rewards(handle, batch.num_samples)
         adv_B, adv_metrics = compute_group_advantages(
             rewards_B, group_size=grpo.group_size, scale_by_std=grpo.scale_by_std, valid_B=valid_B
         )
+        start = 0
         for mb in micro_batches:
-            idx = torch.tensor(mb.indices)
-            mb.adv_B = adv_B[idx]
-            mb.target_mask_BT = mb.target_mask_BT * valid_B[idx].float()[:, None]
+            rows = slice(start, start + mb.num_samples)
+            mb.adv_B = adv_B[rows].float()
+            mb.loss_mask_BT = mb.loss_mask_BT * valid_B[rows].float()[:, None]
+            start += mb.num_samples
         with timer.phase("update"):
             update_metrics = self.update(micro_batches)
         resp_tokens = sum(o.num_tokens for o in rollouts.outputs)

@@ -12,12 +12,36 @@ import time
 
 import torch
 
-from megatron_vcap.rl.batch import build_sft_row, split_micro_batches
 from megatron_vcap.rl.engine import reduce_microbatch_metrics, run_microbatches, sft_loss_fn
 from megatron_vcap.rl.losses import compute_loss_normaliser
 from megatron_vcap.rl.metrics_log import PhaseTimer
 from megatron_vcap.rl.optim import optimizer_step, zero_grads
 from megatron_vcap.rl.policy import gather_rank_metrics
+from megatron_vcap.rl.records import TrainBatch
+
+
+def build_sft_batch(examples, pad_token_id: int) -> TrainBatch:
+    """``examples``: (input_ids_L, labels_L, position_ids_3L, vision) per row -> a TrainBatch
+    whose loss mask is 1 on the target tokens (labels != -100), right-padded."""
+    lengths = [ids.numel() for ids, _, _, _ in examples]
+    B, width = len(examples), max(lengths)
+    tokens_BT = torch.full((B, width), pad_token_id, dtype=torch.long)
+    position_ids_3BT = torch.zeros(3, B, width, dtype=torch.long)
+    loss_mask_BT = torch.zeros(B, width, dtype=torch.float32)
+    for b, (ids, labels, positions, _) in enumerate(examples):
+        n = ids.numel()
+        tokens_BT[b, :n] = ids
+        position_ids_3BT[:, b, :n] = positions
+        loss_mask_BT[b, :n] = (labels != -100).float()
+    return TrainBatch(
+        tokens_BT=tokens_BT,
+        position_ids_3BT=position_ids_3BT,
+        loss_mask_BT=loss_mask_BT,
+        adv_B=torch.zeros(B),
+        prompt_index_B=torch.arange(B),
+        seq_len_B=torch.tensor(lengths),
+        vision=[vision for _, _, _, vision in examples],
+    )
 
 
 class SFTController:
@@ -27,11 +51,11 @@ class SFTController:
         self.bundle = bundle
         self.prompts = prompt_builder
 
-    def build_rows(self, items):
+    def build_batch(self, items) -> TrainBatch:
         from megatron_vcap.models.mrope import compute_mrope_position_ids
 
-        rows = []
-        for i, item in enumerate(items):
+        examples = []
+        for item in items:
             input_ids_L, labels_L = item.sft
             video = item.video
             positions, _ = compute_mrope_position_ids(
@@ -44,21 +68,17 @@ class SFTController:
                 "pixel_values_videos": video.pixel_values_videos,
                 "video_grid_thw": video.video_grid_thw,
             }
-            rows.append(
-                build_sft_row(input_ids_L, labels_L, positions[:, 0], vision=vision, index=i)
-            )
-        return rows
+            examples.append((input_ids_L, labels_L, positions[:, 0], vision))
+        return build_sft_batch(examples, self.prompts.pad_token_id)
 
     def step(self, items, step: int) -> dict[str, float]:
         timer = PhaseTimer()
         with timer.phase("update"):
             t0 = time.perf_counter()
-            rows = self.build_rows(items)
-            micro_batches = split_micro_batches(
-                rows, self.cfg.train.micro_batch_size, self.prompts.pad_token_id
-            )
+            batch = self.build_batch(items)
+            micro_batches = batch.micro_batches(self.cfg.train.micro_batch_size)
             normaliser = compute_loss_normaliser(
-                [mb.target_mask_BT for mb in micro_batches],
+                [mb.loss_mask_BT for mb in micro_batches],
                 aggregation="token_mean",
                 group=self.ctx.dp_cp_group,
             )
@@ -73,7 +93,7 @@ class SFTController:
             )
             metrics = reduce_microbatch_metrics(outputs)
             metrics.update(optimizer_step(self.bundle))
-            tokens = sum(int(mb.tokens_BL.numel()) for mb in micro_batches)
+            tokens = sum(int(mb.tokens_BT.numel()) for mb in micro_batches)
             metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
         metrics.update(timer.as_metrics())
         return gather_rank_metrics(metrics, self.ctx)
