@@ -59,6 +59,10 @@ class QwenVLModel(MegatronModule):
         post_process: bool,
     ):
         super().__init__(config=configs.language)
+        # Megatron's forward-backward schedules read the model type off the outermost module.
+        from megatron.core.enums import ModelType
+
+        self.model_type = ModelType.encoder_or_decoder
         self.spec = spec
         self.use_te = use_te
         self.pre_process = pre_process
