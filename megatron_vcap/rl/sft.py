@@ -56,7 +56,7 @@ class SFTController:
 
         examples = []
         for item in items:
-            input_ids_L, labels_L = item.sft
+            input_ids_L, labels_L = item.input_ids, item.labels
             video = item.video
             positions, _ = compute_mrope_position_ids(
                 input_ids_L[None],
