@@ -90,6 +90,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        # PyYAML (YAML 1.1) reads "1e-6" (no dot) as a string; accept numeric text.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{path}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -27,6 +27,8 @@ def test_yaml_and_overrides_fill_typed_sections(tmp_path):
     assert cfg.rollout.stop_strings == ["</answer>", "x"]
     # An int given for a float field is accepted and converted.
     assert isinstance(load_job_config(None, ["train.lr=1"]).train.lr, float)
+    # YAML 1.1 reads 2e-3 as a string; float fields accept numeric text.
+    assert load_job_config(None, ["train.lr=2e-3"]).train.lr == pytest.approx(2e-3)
 
 
 def test_unknown_key_names_key_and_closest(tmp_path):
