@@ -199,6 +199,10 @@ class QwenVisionModel(MegatronModule):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         # The blocks sit in a plain ModuleList, whose default handling would treat their
         # tensor-parallel weights as replicated; give each layer its own key prefix instead.
+        from megatron.core import parallel_state
+
+        # Replicated tensors need the TP group to mark all but one rank's copy as replicas.
+        tp_group = parallel_state.get_tensor_model_parallel_group()
         out = {}
         for name, module in self.named_children():
             if name == "blocks":
@@ -209,7 +213,7 @@ class QwenVisionModel(MegatronModule):
             else:
                 out.update(
                     sharded_state_dict_default(
-                        module, f"{prefix}{name}.", sharded_offsets, metadata
+                        module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group
                     )
                 )
         return out
