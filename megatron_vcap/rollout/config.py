@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from megatron_vcap.config.loader import ConfigError
 
@@ -17,6 +18,10 @@ class RolloutConfig:
     # Prompts generated together (each expands to group_size samples).
     prompts_per_batch: int = 4
     share_prefix: bool = True
+    # KV-cache row layout for prompts of different lengths (see rollout/generate.py): "auto"
+    # picks "aligned" with Transformer Engine attention (which ignores decode masks), else
+    # "left_pad".
+    kv_layout: Literal["auto", "left_pad", "aligned"] = "auto"
 
     def validate(self) -> None:
         if self.temperature < 0:

@@ -117,9 +117,9 @@ def _build_layout(prompts, group_size, max_new_tokens, kv_layout, device) -> _La
         shift_B[row] = shift
     gen_start_B = shift_B + torch.tensor(lengths).repeat_interleave(group_size)
     return _Layout(
-        prompt_of_row_B=torch.arange(len(prompts)).repeat_interleave(group_size),
-        shift_B=shift_B,
-        gen_start_B=gen_start_B,
+        prompt_of_row_B=torch.arange(len(prompts)).repeat_interleave(group_size).to(device),
+        shift_B=shift_B.to(device),
+        gen_start_B=gen_start_B.to(device),
         tokens_BC=tokens_BC.to(device),
         positions_3BC=positions_3BC.to(device),
         pad_BC=pad_BC.to(device) if bool(pad_BC.any()) else None,
@@ -175,14 +175,20 @@ def _prefill(model, prompts, layout, cache, group_size, share_prefix) -> torch.T
 
 
 class _Decoder:
-    """Per-row responses and the live batch, advanced one token per step."""
+    """Per-row responses and the rows held in the cache batch, advanced one token per step.
+
+    Finished rows stay in the batch (computed, ignored) until a quarter of it is finished; then
+    the cache is compacted. Compacting on every finish would copy the whole cache up to B times.
+    """
 
     def __init__(self, model, layout, cache, params, stopper, generator, tp_group, logprobs):
         self.model, self.layout, self.cache = model, layout, cache
         self.params, self.stopper, self.generator = params, stopper, generator
         self.tp_group, self.want_logprobs = tp_group, logprobs
         rows = layout.tokens_BC.size(0)
-        self.live_B = torch.arange(rows, device=layout.tokens_BC.device)
+        device = layout.tokens_BC.device
+        self.batch_B = torch.arange(rows, device=device)  # cache row i holds row batch_B[i]
+        self.done_all = torch.zeros(rows, dtype=torch.bool, device=device)
         self.responses: list[list[int]] = [[] for _ in range(rows)]
         self.logprobs: list[list[float]] = [[] for _ in range(rows)]
         self.finish: list[str | None] = [None] * rows
@@ -201,49 +207,74 @@ class _Decoder:
 
     def emit(self, rows_b: torch.Tensor, logits_bV: torch.Tensor) -> None:
         """Choose the next token of each of ``rows_b`` from its logits and record it."""
+        if rows_b.numel() == 0:
+            return
         tokens_b = self._choose(logits_bV)
-        columns_b = self.layout.gen_start_B.to(rows_b.device)[rows_b] + torch.tensor(
-            [len(self.responses[r]) for r in rows_b.tolist()], device=rows_b.device
-        )
-        self.layout.tokens_BC[rows_b, columns_b] = tokens_b
+        rows = rows_b.tolist()
+        lengths_b = torch.tensor([len(self.responses[r]) for r in rows], device=rows_b.device)
+        self.layout.tokens_BC[rows_b, self.layout.gen_start_B[rows_b] + lengths_b] = tokens_b
         logp_b = None
         if self.want_logprobs:
             logp_b = chosen_token_logprobs(logits_bV, tokens_b, self.params).tolist()
-        for i, (row, token) in enumerate(zip(rows_b.tolist(), tokens_b.tolist())):
+        for i, (row, token) in enumerate(zip(rows, tokens_b.tolist())):
             self.responses[row].append(token)
             if logp_b is not None:
                 self.logprobs[row].append(logp_b[i])
             self.finish[row] = self.stopper.check(self.responses[row])
+            if self.finish[row] is not None:
+                self.done_all[row] = True
 
-    def drop_finished(self) -> None:
-        keep = [i for i, r in enumerate(self.live_B.tolist()) if self.finish[r] is None]
-        if len(keep) == self.live_B.numel():
+    @property
+    def all_done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    def compact(self, used_columns: int) -> None:
+        done_b = self.done_all[self.batch_B]
+        num_done = int(done_b.sum())
+        if num_done == 0 or num_done < max(1, self.batch_B.numel() // 4):
             return
-        keep_b = torch.tensor(keep, dtype=torch.long, device=self.live_B.device)
-        self.live_B = self.live_B[keep_b]
-        if keep:
-            self.cache.keep_rows(keep_b)
+        keep_b = (~done_b).nonzero().flatten()
+        self.batch_B = self.batch_B[keep_b]
+        if keep_b.numel():
+            self.cache.keep_rows(keep_b, used_columns)
 
     def step(self, column: int) -> None:
-        """Feed every live row's token at ``column``; sample where the row is generating."""
-        live_B, layout = self.live_B, self.layout
+        """Feed every batch row's token at ``column``; sample where the row is generating."""
+        batch_B, layout = self.batch_B, self.layout
         mask = None
         if layout.pad_BC is not None:
-            mask = layout.pad_BC[live_B, : column + 1][:, None, None, :]
+            mask = layout.pad_BC[batch_B, : column + 1][:, None, None, :]
         logits_BV = _call_model(
             self.model,
-            layout.tokens_BC[live_B, column : column + 1],
-            layout.positions_3BC[:, live_B, : column + 1],
+            layout.tokens_BC[batch_B, column : column + 1],
+            layout.positions_3BC[:, batch_B, : column + 1],
             mask,
             self.cache.context,
             {},
         )
         # Rows still reading their prompt (aligned layout) only refresh their cache here.
-        generating_B = layout.gen_start_B.to(live_B.device)[live_B] <= column
-        if bool(generating_B.any()):
-            self.emit(live_B[generating_B], logits_BV[generating_B])
-        self.drop_finished()
+        generating_B = (layout.gen_start_B[batch_B] <= column) & ~self.done_all[batch_B]
+        self.emit(batch_B[generating_B], logits_BV[generating_B])
+        self.compact(column + 1)
         self.cache.advance()
+
+    def run(self, first_logits_BV: torch.Tensor) -> None:
+        """Decode until every row is finished; each row's first token comes from its prefill."""
+        layout = self.layout
+        column = layout.first_decode_column
+        # Aligned layout: rows of longer prompts take their first token when decoding reaches
+        # the end of their prompt.
+        pending_B = self.batch_B
+        self.cache.start_decoding(column)
+        while not self.all_done:
+            starting_B = layout.gen_start_B[pending_B] == column
+            self.emit(pending_B[starting_B], first_logits_BV[pending_B[starting_B]])
+            pending_B = pending_B[~starting_B]
+            self.compact(column)
+            if self.all_done:
+                break
+            self.step(column)
+            column += 1
 
 
 def generate(
@@ -291,25 +322,7 @@ def generate(
             decoder = _Decoder(
                 model, layout, cache, sampling, stopper, generator, tp_group, return_logprobs
             )
-            # Every row's first token comes from its prompt's prefill logits.
-            first_rows_B = torch.arange(first_logits_BV.size(0), device=device)
-            generating_B = layout.gen_start_B.to(device) == layout.first_decode_column
-            decoder.emit(first_rows_B[generating_B], first_logits_BV[generating_B])
-            pending = first_rows_B[~generating_B]  # aligned layout: longer prompts start later
-            pending_logits_BV = first_logits_BV[~generating_B]
-            decoder.drop_finished()
-            column = layout.first_decode_column
-            cache.start_decoding(column)
-            while decoder.live_B.numel() > 0:
-                starting = layout.gen_start_B.to(device)[pending] == column
-                if bool(starting.any()):
-                    decoder.emit(pending[starting], pending_logits_BV[starting])
-                    pending, pending_logits_BV = pending[~starting], pending_logits_BV[~starting]
-                    decoder.drop_finished()
-                    if decoder.live_B.numel() == 0:
-                        break
-                decoder.step(column)
-                column += 1
+            decoder.run(first_logits_BV)
     finally:
         model.train(was_training)
     return [

@@ -67,11 +67,17 @@ class SlotKVCache:
             k_dst[cols, target_rows] = k_src[:length, source_rows].to(k_dst.dtype)
             v_dst[cols, target_rows] = v_src[:length, source_rows].to(v_dst.dtype)
 
-    def keep_rows(self, keep: torch.Tensor) -> None:
-        """Keep only the rows indexed by ``keep`` (in that order), freeing the others."""
+    def keep_rows(self, keep: torch.Tensor, used_columns: int) -> None:
+        """Keep only the rows indexed by ``keep`` (in that order), freeing the others. Only
+        columns [0, used_columns) are copied; the rest are not written yet."""
         memory = self.context.key_value_memory_dict
-        for layer, (k_CBGD, v_CBGD) in memory.items():
-            memory[layer] = (k_CBGD[:, keep].contiguous(), v_CBGD[:, keep].contiguous())
+        for layer, buffers in memory.items():
+            kept = []
+            for old_CBGD in buffers:
+                new_CBGD = old_CBGD.new_zeros((old_CBGD.size(0), keep.numel(), *old_CBGD.shape[2:]))
+                new_CBGD[:used_columns] = old_CBGD[:used_columns, keep]
+                kept.append(new_CBGD)
+            memory[layer] = tuple(kept)
         self.num_rows = int(keep.numel())
         self.context.max_batch_size = self.num_rows
 

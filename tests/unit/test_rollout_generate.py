@@ -182,19 +182,23 @@ def test_unsupported_parallel_layouts_are_rejected():
 
 def test_sampler_logprobs_equal_trainer_logprobs_over_the_train_batch(model, prompts):
     """Generation -> Rollout -> TrainBatch -> full forward: the response positions the trainer
-    sees continue the prompt's mRoPE ids exactly as decoding did."""
+    sees continue the prompt's mRoPE ids exactly as decoding did. Rows end at different steps
+    (EOS), so finished rows linger in the batch and the cache is compacted mid-generation."""
     from megatron_vcap.rl.losses import compute_sequence_logprobs
     from megatron_vcap.rl.records import Rollout, build_train_batch
 
-    params = SamplingParams(temperature=1.0, max_new_tokens=6)
-    outs = generate(model, prompts, sampling=params, group_size=2, seed=0, return_logprobs=True)
-    rollouts = [
-        Rollout.from_generation(o, prompts[o.prompt_index], f"s{i}") for i, o in enumerate(outs)
-    ]
-    batch = build_train_batch(rollouts, prompts, torch.zeros(len(rollouts)))
-    with torch.no_grad():
-        logits = model(batch.tokens_BT, batch.position_ids_3BT, None)
-    logp_BT, _ = compute_sequence_logprobs(logits, batch.tokens_BT)
-    for b, r in enumerate(rollouts):
-        trainer = logp_BT[b][batch.loss_mask_BT[b] > 0]
-        torch.testing.assert_close(trainer, r.sampler_logp_R, atol=1e-5, rtol=0)
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, eos_token_ids=list(range(8)))
+    for kv_layout in ("left_pad", "aligned"):
+        outs = generate(model, prompts, sampling=params, group_size=3, seed=0,
+                        return_logprobs=True, kv_layout=kv_layout)  # fmt: skip
+        assert {o.finish_reason for o in outs} == {"eos", "length"}
+        assert len({o.num_tokens for o in outs}) >= 4
+        rollouts = [Rollout.from_generation(o, prompts[o.prompt_index], f"s{i}")
+                    for i, o in enumerate(outs)]  # fmt: skip
+        batch = build_train_batch(rollouts, prompts, torch.zeros(len(rollouts)))
+        with torch.no_grad():
+            logits = model(batch.tokens_BT, batch.position_ids_3BT, None)
+        logp_BT, _ = compute_sequence_logprobs(logits, batch.tokens_BT)
+        for b, r in enumerate(rollouts):
+            trainer = logp_BT[b][batch.loss_mask_BT[b] > 0]
+            torch.testing.assert_close(trainer, r.sampler_logp_R, atol=1e-5, rtol=0)
