@@ -87,6 +87,9 @@ class LexicalSimilarity:
 
 _MODEL_LOCK = threading.Lock()
 _MODELS: dict[str, object] = {}
+# The trainer thread (embedding Tscore) and the judge's worker threads share one model; a fast
+# tokenizer called from two threads at once can fail ("Already borrowed"), so encodes take turns.
+_ENCODE_LOCK = threading.Lock()
 
 
 def load_sentence_model(path: str = ""):
@@ -132,13 +135,14 @@ class EmbeddingCache:
             missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
         if missing:
             model = load_sentence_model(self.model_path)
-            vectors = model.encode(
-                missing,
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
+            with _ENCODE_LOCK:
+                vectors = model.encode(
+                    missing,
+                    batch_size=self.batch_size,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
             with self._lock:
                 self.encode_calls += 1
                 self.encoded_texts += len(missing)

@@ -11,7 +11,8 @@ fixed ``script`` first, then drawn at random from ``faults`` (rates per behaviou
 * ``malformed`` — a 200 whose message content is not JSON;
 * ``invalid`` — a 200 whose content is JSON that breaks the task's contract;
 * ``hang`` — never answers (until ``hang_s`` or ``stop()``), so the client times out;
-* ``disconnect`` — closes the connection without answering.
+* ``disconnect`` — closes the connection without answering;
+* ``html`` — a 200 with an HTML page instead of a chat completion (a misconfigured proxy).
 
 Requests that do not ask for ``response_format`` of type ``json_schema`` are rejected with 400,
 so a client that forgets structured output fails its tests.
@@ -43,6 +44,7 @@ BEHAVIOURS = (
     "invalid",
     "hang",
     "disconnect",
+    "html",
 )
 
 
@@ -172,6 +174,9 @@ class FakeOpenAIServer:
 class _Handler(BaseHTTPRequestHandler):
     owner: FakeOpenAIServer
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+    # Headers and body go out in two writes; with Nagle on, the body waits for the client's
+    # delayed ACK (~40 ms per answer), which would distort every latency measurement.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args) -> None:  # keep test output clean
         pass
@@ -235,6 +240,14 @@ class _Handler(BaseHTTPRequestHandler):
             status = int(behaviour[5:])
             headers = {"Retry-After": "0"} if status == 429 else None
             return self._error(status, f"injected {behaviour}", headers)
+        if behaviour == "html":
+            data = b"<html><body>502 Bad Gateway</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         if behaviour == "malformed":
             content = '{"verdicts": [{"index": 0, "verdict": "entail'  # cut off mid-answer
         elif behaviour == "invalid":

@@ -74,14 +74,14 @@ def test_correct_answers_structured_output_and_key_from_env(caplog, tmp_path):
 
 
 def test_retries_through_every_kind_of_fault():
-    script = ["http_500", "malformed", "http_429", "hang", "disconnect", "invalid"]
+    script = ["http_500", "malformed", "http_429", "hang", "disconnect", "invalid", "html"]
     with FakeOpenAIServer(script=script) as server:
         events, stats = run(
             lambda j: j.extract_events("A man walks. A dog barks."),
-            judge_cfg(server, max_retries=6),
+            judge_cfg(server, max_retries=7),
         )
     assert events == ["A man walks.", "A dog barks."]
-    assert stats["retries"] == 6 and stats["requests"] == 7
+    assert stats["retries"] == 7 and stats["requests"] == 8
     for code in (
         "http_500",
         "malformed_json",
@@ -90,7 +90,7 @@ def test_retries_through_every_kind_of_fault():
         "connection_error",
         "invalid_answer",
     ):
-        assert stats[f"errors/{code}"] == 1, code
+        assert stats[f"errors/{code}"] == (2 if code == "invalid_answer" else 1), code
 
 
 @pytest.mark.parametrize(
