@@ -194,3 +194,46 @@ def save_tiny_hf_model_dir(
     model.save_pretrained(out_dir)
     build_tiny_processor(config).save_pretrained(out_dir)
     return out_dir
+
+
+def synthetic_frames(num_frames: int, height: int, width: int, seed: int = 0):
+    """Random RGB frames [num_frames, height, width, 3] uint8 (an image when num_frames == 1)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return (rng.random((num_frames, height, width, 3)) * 255).astype(np.uint8)
+
+
+def build_tiny_inputs(
+    processor,
+    texts: list[str],
+    *,
+    images: list | None = None,
+    videos: list | None = None,
+    video_fps: list[float] | None = None,
+    padding_side: str = "left",
+):
+    """Run the HF processor on a batch; videos are already-sampled frames at ``video_fps``.
+
+    ``texts`` hold one ``<|vision_start|><|image_pad|><|vision_end|>`` (or ``video_pad``) per
+    image / video, in order. The frame rate goes in as ``video_metadata`` with frame sampling
+    off, so that ``second_per_grid_ts`` is 2 / fps (given as ``fps=`` it would be ignored).
+    """
+    processor.tokenizer.padding_side = padding_side
+    kwargs = {}
+    if videos:
+        fps = video_fps or [2.0] * len(videos)
+        kwargs["videos_kwargs"] = dict(
+            video_metadata=[
+                {"fps": float(f), "total_num_frames": len(v)} for f, v in zip(fps, videos)
+            ],
+            do_sample_frames=False,
+        )
+    return processor(
+        text=texts,
+        images=images or None,
+        videos=videos or None,
+        padding=True,
+        return_tensors="pt",
+        **kwargs,
+    )

@@ -26,18 +26,20 @@ from megatron_vcap.models.vision import QwenVisionModel
 __all__ = ["QwenVLModel", "build_qwen_vl_model", "load_hf_config", "build_attention_mask"]
 
 
+def _causal_mask(num_queries: int, num_keys: int, device) -> torch.Tensor:
+    """[Sq, Sk], True = masked; the queries are the last ``num_queries`` of the keys."""
+    query_pos = torch.arange(num_keys - num_queries, num_keys, device=device)
+    return torch.arange(num_keys, device=device)[None, :] > query_pos[:, None]
+
+
 def build_attention_mask(padding_mask_BSk: torch.Tensor, num_queries: int) -> torch.Tensor:
     """Causal + padding mask for Megatron's local attention: [B, 1, Sq, Sk], True = masked.
 
     The queries are the last ``num_queries`` of the Sk positions (all of them in a full forward,
     the new tokens when decoding with a KV cache).
     """
-    sk = padding_mask_BSk.shape[1]
-    device = padding_mask_BSk.device
-    query_pos = torch.arange(sk - num_queries, sk, device=device)
-    causal = torch.arange(sk, device=device)[None, :] > query_pos[:, None]
-    pad = ~padding_mask_BSk.bool()
-    return causal[None, None] | pad[:, None, None, :]
+    causal = _causal_mask(num_queries, padding_mask_BSk.shape[1], padding_mask_BSk.device)
+    return causal[None, None] | ~padding_mask_BSk.bool()[:, None, None, :]
 
 
 def _is_right_padded(padding_mask_BS: torch.Tensor) -> bool:
@@ -154,12 +156,27 @@ class QwenVLModel(MegatronModule):
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
 
-    def _attention_mask(self, padding_mask_BSk, num_queries: int):
-        if padding_mask_BSk is None or bool(padding_mask_BSk.bool().all()):
+    def _attention_mask(self, attention_mask, num_queries: int):
+        """A padding mask [B, Sk] (1 = real) or a Megatron mask [B, 1, Sq|1, Sk] (True = masked)
+        -> what Megatron's attention needs (None when causal attention alone is exact)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() == 4:
+            masked = attention_mask.bool()
+            if not bool(masked.any()):
+                return None
+            if self.use_te:
+                raise ValueError(
+                    "attention_mask: Transformer Engine attention cannot take an arbitrary mask "
+                    "(pad on the right, or use model.transformer_impl=local)"
+                )
+            causal = _causal_mask(num_queries, masked.shape[-1], masked.device)
+            return masked | causal[None, None]
+        if bool(attention_mask.bool().all()):
             return None  # causal attention needs no mask tensor
         if not self.use_te:
-            return build_attention_mask(padding_mask_BSk, num_queries)
-        if _is_right_padded(padding_mask_BSk):
+            return build_attention_mask(attention_mask, num_queries)
+        if _is_right_padded(attention_mask):
             # Causal attention never lets a real token see the pad tokens after it.
             return None
         raise ValueError(
@@ -181,7 +198,8 @@ class QwenVLModel(MegatronModule):
         inference_context=None,
         runtime_gather_output: bool | None = None,
     ) -> torch.Tensor:
-        """input_ids [B, Sq], position_ids [3, B, Sk] (mRoPE), attention_mask [B, Sk] (1 = real).
+        """input_ids [B, Sq], position_ids [3, B, Sk] (mRoPE), attention_mask [B, Sk] (1 = real
+        token; or a Megatron mask [B, 1, Sq|1, Sk], True = masked, to which causality is added).
 
         Returns logits [B, Sq, V] (vocab-sharded across TP unless ``runtime_gather_output``), the
         per-token loss [B, Sq] when ``labels`` are given, or hidden states on non-last stages.
