@@ -219,3 +219,32 @@ def test_embedded_judge_end_to_end():
     assert good_r.details["verdicts"] == ["entailment", "neutral"] and good_r.caption == 0.5
     assert off_r.details["verdicts"] == ["neutral", "neutral"] and off_r.caption == 0.0
     assert good_r.think == 1.0 and good_r.total == pytest.approx(2.5)
+
+
+def test_embedding_think_and_embedded_judge_share_the_model_across_threads():
+    """The trainer thread (Tscore encodes) and the judge thread encode at the same time."""
+    from megatron_vcap.rewards.similarity import build_similarity
+    from megatron_vcap.rewards.think import compute_tscore
+
+    gt = [Subject("a young woman", ["yellow raincoat", "black hair"], ["opens a red umbrella"])]
+    events = ["The woman opens a red umbrella."]
+    reqs = []
+    for i in range(96):
+        pred = [Subject(f"a woman number {i}", [f"coat of colour {i}"], [f"opens umbrella {i}"])]
+        reqs.append(
+            RewardRequest(
+                f"s{i}", render_response(pred, f"A woman opens umbrella {i}."), "ref", gt, events
+            )
+        )
+    cfg = RewardConfig(think_backend="embedding", escore_mode="linear")
+    with RewardService(cfg, JudgeConfig(kind="embedded")) as svc:
+        handles = [svc.submit(reqs[i : i + 32]) for i in range(0, 96, 32)]
+        results = [r for h in handles for r in h.result(timeout=120)]
+    assert [r.sample_id for r in results] == [r.sample_id for r in reqs]
+    assert not any(r.failed for r in results)
+    sim = build_similarity("embedding")
+    for req, res in zip(reqs[:8], results[:8]):
+        pred = [Subject(f"a woman number {req.sample_id[1:]}", [f"coat of colour {req.sample_id[1:]}"],
+                        [f"opens umbrella {req.sample_id[1:]}"])]  # fmt: skip
+        want = compute_tscore(pred, gt, sim, subject_threshold=0.3, item_threshold=0.5).score
+        assert res.think == pytest.approx(want, abs=1e-6)
