@@ -125,12 +125,14 @@ class ReferencePolicy:
 
 
 def _merge(dicts: list[dict[str, float]]) -> dict[str, float]:
-    """Counts (``*_count``, ``count/*``) are summed over ranks; everything else is averaged."""
+    """Counts (``*_count``, ``count/*``) and ``loss`` (each rank holds its contribution to the
+    global-batch loss) are summed over ranks; everything else is averaged."""
     keys = sorted({k for d in dicts for k in d})
     merged = {}
     for key in keys:
         values = [float(d[key]) for d in dicts if key in d]
-        is_count = key.endswith("_count") or "/count" in key or key.startswith("count/")
+        is_count = (key == "loss" or key.endswith("_count") or "/count" in key
+                    or key.startswith("count/"))
         merged[key] = sum(values) if is_count else sum(values) / len(values)
     return merged
 

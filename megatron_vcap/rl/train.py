@@ -173,7 +173,7 @@ def train_main(cfg) -> int:
         for step in range(start, cfg.train.steps):
             items = loader.next_batch(n_items)
             metrics = controller.step(items, step)
-            metrics.update({f"data/{k}": float(v) for k, v in loader.metrics().items()})
+            metrics.update({k: float(v) for k, v in loader.metrics().items()})
             logger.log(step + 1, metrics, prefix=cfg.train.mode)
             done = step + 1 == cfg.train.steps
             interval = cfg.checkpoint.save_interval
