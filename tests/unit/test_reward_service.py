@@ -229,7 +229,7 @@ def test_embedding_think_and_embedded_judge_share_the_model_across_threads():
     gt = [Subject("a young woman", ["yellow raincoat", "black hair"], ["opens a red umbrella"])]
     events = ["The woman opens a red umbrella."]
     reqs = []
-    for i in range(96):
+    for i in range(48):
         pred = [Subject(f"a woman number {i}", [f"coat of colour {i}"], [f"opens umbrella {i}"])]
         reqs.append(
             RewardRequest(
@@ -238,7 +238,7 @@ def test_embedding_think_and_embedded_judge_share_the_model_across_threads():
         )
     cfg = RewardConfig(think_backend="embedding", escore_mode="linear")
     with RewardService(cfg, JudgeConfig(kind="embedded")) as svc:
-        handles = [svc.submit(reqs[i : i + 32]) for i in range(0, 96, 32)]
+        handles = [svc.submit(reqs[i : i + 16]) for i in range(0, 48, 16)]
         results = [r for h in handles for r in h.result(timeout=120)]
     assert [r.sample_id for r in results] == [r.sample_id for r in reqs]
     assert not any(r.failed for r in results)
