@@ -75,8 +75,6 @@ def loss_mask(results: list[RewardResult], on_judge_failure: str) -> list[bool]:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
     mean = sum(values) / len(values)
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
@@ -85,25 +83,27 @@ def summarize_results(results: list[RewardResult]) -> dict[str, float]:
     """Metrics of one batch: mean/std per component, failure counts by reason.
 
     Caption and total statistics skip judge-failed samples (they have no caption score); format
-    and think cover every sample. Empty statistics are NaN. Keys carry no prefix (the trainer
-    logs them under ``reward/``): ``total_mean``, ``judge_failure/timeout``, ...
+    and think cover every sample; a statistic with no samples is left out (not NaN, which would
+    poison averages over ranks). Keys carry no prefix (the trainer logs them under ``reward/``);
+    counts end in ``_count`` so that rank merging sums them: ``count``, ``judge_failed_count``,
+    ``judge_failure/timeout_count``, ``parse_failure/no_think_block_count``, ...
     """
     out: dict[str, float] = {"count": float(len(results))}
     ok = [r for r in results if not r.failed]
     for name in ("format", "think", "caption", "total"):
         pool = results if name in ("format", "think") else ok
-        mean, std = _mean_std([getattr(r, name) for r in pool])
-        out[f"{name}_mean"], out[f"{name}_std"] = mean, std
+        if pool:
+            out[f"{name}_mean"], out[f"{name}_std"] = _mean_std([getattr(r, name) for r in pool])
     coverage = [r.details["coverage"] for r in ok if "coverage" in r.details]
     if coverage:
         out["coverage_mean"] = sum(coverage) / len(coverage)
-    out["judge_failed"] = float(len(results) - len(ok))
+    out["judge_failed_count"] = float(len(results) - len(ok))
     for code, n in Counter(failure_code(r.failure_reason) for r in results if r.failed).items():
-        out[f"judge_failure/{code}"] = float(n)
+        out[f"judge_failure/{code}_count"] = float(n)
     parse_failures = Counter(r.parse_failure for r in results if r.parse_failure)
-    out["parse_failed"] = float(sum(parse_failures.values()))
+    out["parse_failed_count"] = float(sum(parse_failures.values()))
     for code, n in parse_failures.items():
-        out[f"parse_failure/{code}"] = float(n)
+        out[f"parse_failure/{code}_count"] = float(n)
     return out
 
 

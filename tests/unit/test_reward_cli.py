@@ -69,7 +69,7 @@ def test_score_writes_every_component_and_a_summary(tmp_path, manifest, capsys):
     for key in ("format", "think", "failure_reason", "details"):
         assert key in rows[0]
     summary = json.loads((tmp_path / "scores" / "s.jsonl.summary.json").read_text())
-    assert summary["responses"] == 3 and summary["parse_failure/no_think_block"] == 1
+    assert summary["responses"] == 3 and summary["parse_failure/no_think_block_count"] == 1
     assert "total_mean" in capsys.readouterr().out
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from megatron_vcap.rewards.config import JudgeConfig, RewardConfig
@@ -161,8 +159,10 @@ def test_fault_injection_nothing_lost_or_duplicated():
             assert got.failure_reason is None
             assert got.caption == want.caption and got.total == want.total
     summary = summarize_results(results)
-    assert summary["count"] == 200 and summary["judge_failed"] == len(failed)
-    by_code = sum(v for k, v in summary.items() if k.startswith("judge_failure/"))
+    assert summary["count"] == 200 and summary["judge_failed_count"] == len(failed)
+    by_code = sum(
+        v for k, v in summary.items() if k.startswith("judge_failure/") and k.endswith("_count")
+    )
     assert by_code == len(failed)
     assert metrics["judge/retries"] > 0
     assert loss_mask(results, "drop") == [not r.failed for r in results]
@@ -195,12 +195,16 @@ def test_summarize_results_by_hand():
     assert a.failed and a.failure_reason.startswith("http_401")
     assert not b.failed and b.parse_failure == "no_think_block"
     s = summarize_results(results)
-    assert s["judge_failed"] == 1 and s["judge_failure/http_401"] == 1
-    assert s["parse_failed"] == 1 and s["parse_failure/no_think_block"] == 1
+    assert s["judge_failed_count"] == 1 and s["judge_failure/http_401_count"] == 1
+    assert s["parse_failed_count"] == 1 and s["parse_failure/no_think_block_count"] == 1
     assert s["format_mean"] == 0.5  # (1 + 0) / 2 over all samples
     assert s["caption_mean"] == 0.0  # only "b" counts; it has no caption
     assert s["total_mean"] == 0.0 and s["total_std"] == 0.0
-    assert math.isnan(summarize_results([])["total_mean"])
+    assert summarize_results([]) == {
+        "count": 0.0,
+        "judge_failed_count": 0.0,
+        "parse_failed_count": 0.0,
+    }
 
 
 def test_embedded_judge_end_to_end():
