@@ -138,7 +138,9 @@ class RewardHandle:
             try:
                 judgments = self._future.result(timeout)
             except TimeoutError:
-                raise
+                if not self._future.done():  # still running: the caller's wait timed out
+                    raise
+                judgments = [Judgment(error="judge_error: the judge batch timed out")] * n_jobs
             except CancelledError:
                 judgments = [Judgment(error="cancelled: the reward service was closed")] * n_jobs
             except Exception as exc:  # a judge bug: report it on every sample, lose none
