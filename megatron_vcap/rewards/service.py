@@ -187,15 +187,19 @@ class RewardService:
         self._counts: Counter = Counter()
 
     # ---------------------------------------------------------------- rule scores
-    def _rule_scores(self, requests: list[RewardRequest]) -> list[_Scored]:
-        parsed = [parse_response(r.response) for r in requests]
+    def _rule_scores(
+        self,
+        requests: list[RewardRequest],
+        parsed: list[ParsedResponse],
+        job_index: list[int | None],
+    ) -> list[_Scored]:
         texts = []
         for r, p in zip(requests, parsed):
             if p.ok:
                 texts += texts_of(p.subjects) + texts_of(r.subjects)
         self.similarity.prepare(texts)  # one batched encode for the embedding backend
-        scored, n_jobs = [], 0
-        for r, p in zip(requests, parsed):
+        scored = []
+        for r, p, j in zip(requests, parsed, job_index):
             think, think_details = 0.0, {}
             if p.ok:
                 t = compute_tscore(
@@ -211,10 +215,7 @@ class RewardService:
                     "action_f1": t.action_f1,
                     **t.counts,
                 }
-            job_index = None
-            if p.caption is not None:
-                job_index, n_jobs = n_jobs, n_jobs + 1
-            scored.append(_Scored(r, p, compute_format_score(p), think, think_details, job_index))
+            scored.append(_Scored(r, p, compute_format_score(p), think, think_details, j))
         return scored
 
     # ---------------------------------------------------------------- submit / finish
@@ -222,16 +223,22 @@ class RewardService:
         """Start scoring a batch; returns at once with rule scores done and the judge running."""
         if self._closed:
             raise RuntimeError("RewardService.submit after close()")
-        scored = self._rule_scores(list(requests))
-        jobs = [
-            CaptionJob(s.parsed.caption, s.request.caption, list(s.request.events))
-            for s in scored
-            if s.job_index is not None
-        ]
+        requests = list(requests)
+        parsed = [parse_response(r.response) for r in requests]
+        jobs: list[CaptionJob] = []
+        job_index: list[int | None] = []
+        for r, p in zip(requests, parsed):
+            if p.caption is None:  # nothing to judge; the caption score is 0
+                job_index.append(None)
+            else:
+                job_index.append(len(jobs))
+                jobs.append(CaptionJob(p.caption, r.caption, list(r.events)))
         coro = self.judge.judge_captions(
             jobs, caption_score=self.cfg.caption_score, escore_mode=self.cfg.escore_mode
         )
+        # The judge starts first: its latency overlaps the think scores computed below.
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        scored = self._rule_scores(requests, parsed, job_index)
         self._counts["submitted"] += len(scored)
         self._counts["judged"] += len(jobs)
         return RewardHandle(self, scored, future)
