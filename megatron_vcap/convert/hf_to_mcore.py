@@ -6,19 +6,19 @@ then all ranks write the checkpoint together. Peak memory per rank is its model 
 full tensor; raising ``--tp`` / ``--pp`` spreads the model over more processes. The checkpoint
 stores global tensors, so it loads later at any TP / PP.
 
-Under ``torchrun`` / ``srun`` the launched ranks are used; otherwise TP x PP local CPU ranks are
-spawned (gloo).
+Under ``torchrun`` / ``srun`` with several ranks the launched ranks are used (their number must be
+a multiple of TP x PP); otherwise TP x PP local CPU ranks are spawned (gloo).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from megatron_vcap.config.loader import ConfigError
 from megatron_vcap.models.hf_config import load_hf_config
+from megatron_vcap.parallel.launch_env import read_launch_env
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -59,8 +59,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp
     if tp < 1 or pp < 1:
         raise ConfigError(f"--tp / --pp: must be >= 1, got {tp} / {pp}")
     load_hf_config(hf_dir)  # fail fast, before any process starts, on a bad config
-    launched = "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ
-    if launched:
+    if read_launch_env().world_size > 1:  # torchrun / srun started the ranks
         convert_on_this_rank(hf_dir, out_dir, tp, pp)
     else:
         from megatron_vcap.testing.multiprocess import run_on_ranks

@@ -141,7 +141,10 @@ def load_hf_config(path: str | Path):
         raise ConfigError(f"{file}: not valid JSON ({exc})") from None
     model_type = check_raw_config(raw, str(file))
     config = _config_class(model_type).from_dict(raw)
-    describe_hf_config(config)  # validate the values too, before anyone builds from it
+    try:
+        describe_hf_config(config)  # validate the values too, before anyone builds from it
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("config:", f"{file}:", 1)) from None
     return config
 
 
