@@ -3,14 +3,15 @@ and group-prefix sharing vs prefilling every sample's copy of the prompt.
 
 Both sides run the same tiny random Qwen2 text model: a ``Qwen2ForCausalLM`` is built from a
 config and its weights are copied into a Megatron ``GPTModel`` (mRoPE, local spec; fused QKV laid
-out per query group, ``linear_fc1 = [gate; up]``). A logits parity check runs first. Then:
+out per query group, ``linear_fc1 = [gate; up]``). A logits parity check runs first. Ours is timed
+with Megatron's local ``DotProductAttention`` and with an SDPA core attention (``--core-attention``;
+see ``megatron_vcap/testing/tiny_gpt.py``), the HF model with its default (SDPA) attention. Then:
 
 1. greedy decoding of P prompts, same batch, both stopping only at ``--new-tokens``: generated
    tokens per second of each and the ratio ours / transformers (target >= 1.0), plus the share
    of prompts whose tokens agree exactly;
 2. G = ``--group-size`` samples per prompt with ``share_prefix`` on and off: wall time of the
-   whole generation and of the prefill alone (``max_new_tokens=1``), as speedups.
-
+   whole generation and of the prefill alone (``max_new_tokens=1``), as speedups;
 3. the GRPO rollout workload itself: P prompts x G samples at temperature 1 with EOS ids, ours
    (prefix shared once per group, finished rows dropped) vs ``generate(num_return_sequences=G)``
    (prefills G copies, computes finished rows until the longest ends), in generated tokens/s.
@@ -50,6 +51,12 @@ def parse_args(argv=None):
         help="share of the vocabulary used as EOS ids in the GRPO workload",
     )
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sections", default="1,2,3", help="which measurements to run")
+    p.add_argument(
+        "--core-attention",
+        default="local,sdpa",
+        help="Megatron attention cores to time, comma-separated: local, sdpa",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -116,7 +123,7 @@ def copy_hf_to_megatron(hf, mg, args) -> None:
             target[name].copy_(value)
 
 
-def build_megatron(args):
+def build_megatron(args, core_attention="local"):
     from megatron_vcap.parallel.config import ParallelConfig
     from megatron_vcap.parallel.runtime import init_distributed
     from megatron_vcap.testing.multiprocess import find_free_port
@@ -124,7 +131,7 @@ def build_megatron(args):
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(find_free_port()))
-    init_distributed(ParallelConfig(), seed=0)
+    init_distributed(ParallelConfig(), seed=0)  # idempotent: a second model reuses the groups
     half = args.hidden // args.heads // 2  # the (t, h, w) split of Qwen2-VL, scaled to head_dim
     section = [half // 2, half // 4, half - half // 2 - half // 4]
     cfg = TinyGPTConfig(
@@ -137,6 +144,7 @@ def build_megatron(args):
         max_sequence_length=4096,
         mrope_section=section,
         rotary_base=10000,
+        core_attention=core_attention,
     )
     return build_tiny_mrope_gpt(cfg)
 
@@ -157,7 +165,7 @@ def timed(fn, repeats):
     return min(times), out
 
 
-def hf_generate(hf, prompts, new_tokens, device):
+def hf_generate(hf, prompts, new_tokens, device, **sampling):
     """Left-padded batch with an attention mask: the standard transformers batching."""
     width = max(p.length for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -165,13 +173,13 @@ def hf_generate(hf, prompts, new_tokens, device):
     for b, p in enumerate(prompts):
         ids[b, width - p.length :] = p.input_ids_S
         mask[b, width - p.length :] = 1
+    sampling = sampling or dict(do_sample=False, min_new_tokens=new_tokens)
     out = hf.generate(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
         pad_token_id=0,
+        **sampling,
     )
     return out[:, width:].cpu()
 
@@ -184,51 +192,60 @@ def make_prompts(count, length, vocab, seed):
     return [PromptSpec.from_text_ids(torch.randint(1, vocab, (n,), generator=g)) for n in lengths]
 
 
-def bench_vs_transformers(hf, mg, args):
+def bench_vs_transformers(hf, models, args):
     from megatron_vcap.rollout.generate import generate
     from megatron_vcap.rollout.sampling import SamplingParams
 
     prompts = make_prompts(args.prompts, args.prompt_len, args.vocab, seed=1)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
-    ours_s, ours = timed(lambda: generate(mg, prompts, sampling=greedy), args.repeats)
+    total = args.prompts * args.new_tokens
     with torch.no_grad():
         hf_s, theirs = timed(
             lambda: hf_generate(hf, prompts, args.new_tokens, args.device), args.repeats
         )
-    total = args.prompts * args.new_tokens
-    agree = sum(o.response_ids_R.tolist() == t.tolist() for o, t in zip(ours, theirs))
     print(f"[1] greedy, {args.prompts} prompts x {args.new_tokens} new tokens "
-          f"(prompt ~{args.prompt_len} tokens)")  # fmt: skip
-    print(f"    megatron_vcap KV-cached : {total / ours_s:9.1f} tokens/s  ({ours_s:.3f} s)")
-    print(f"    transformers generate   : {total / hf_s:9.1f} tokens/s  ({hf_s:.3f} s)")
-    print(f"    ratio ours/transformers : {hf_s / ours_s:.2f}x   (target >= 1.0)")
-    print(f"    identical greedy tokens : {agree}/{args.prompts} prompts")
+          f"(prompt ~{args.prompt_len} tokens), same batch")  # fmt: skip
+    print(f"    transformers generate          : {total / hf_s:8.1f} tokens/s ({hf_s:.3f} s)")
+    for name, mg in models.items():
+        ours_s, ours = timed(lambda mg=mg: generate(mg, prompts, sampling=greedy), args.repeats)
+        agree = sum(o.response_ids_R.tolist() == t.tolist() for o, t in zip(ours, theirs))
+        print(f"    ours, {name:24s} : {total / ours_s:8.1f} tokens/s ({ours_s:.3f} s)  "
+              f"ratio {hf_s / ours_s:.2f}x (target >= 1.0); same tokens {agree}/{len(prompts)}")  # fmt: skip
 
 
-def bench_prefix_sharing(mg, args):
+def bench_prefix_sharing(models, args):
     from megatron_vcap.rollout.generate import generate
     from megatron_vcap.rollout.sampling import SamplingParams
 
     prompts = make_prompts(args.prompts, args.share_prompt_len, args.vocab, seed=2)
     G = args.group_size
-    rows = args.prompts * G
-    print(f"[2] group-prefix sharing, {args.prompts} prompts x G={G}, prompt "
-          f"~{args.share_prompt_len} tokens, {args.share_new_tokens} new tokens, T=1.0")  # fmt: skip
-    for label, new in (("whole generation", args.share_new_tokens), ("prefill only", 1)):
-        params = SamplingParams(temperature=1.0, max_new_tokens=new)
-        t = {}
-        for share in (True, False):
-            t[share], _ = timed(
-                lambda share=share, params=params: generate(
-                    mg, prompts, sampling=params, group_size=G, seed=0, share_prefix=share
-                ),
-                args.repeats,
-            )
-        print(f"    {label:17s}: shared {t[True]:.3f} s, {rows} copies {t[False]:.3f} s  "
-              f"-> speedup {t[False] / t[True]:.2f}x")  # fmt: skip
+    print(f"[2] group-prefix sharing vs {args.prompts * G} prefilled copies, {args.prompts} prompts"
+          f" x G={G}, prompt ~{args.share_prompt_len} tokens, T=1.0")  # fmt: skip
+    for name, mg in models.items():
+        for label, new in (("whole generation", args.share_new_tokens), ("prefill only", 1)):
+            params = SamplingParams(temperature=1.0, max_new_tokens=new)
+            t = {}
+            for share in (True, False):
+                t[share], _ = timed(
+                    lambda share=share, params=params, mg=mg: generate(
+                        mg, prompts, sampling=params, group_size=G, seed=0, share_prefix=share
+                    ),
+                    args.repeats,
+                )
+            print(f"    ours, {name:24s} {label:16s} ({new:3d} new): shared {t[True]:.3f} s, "
+                  f"copies {t[False]:.3f} s -> speedup {t[False] / t[True]:.2f}x")  # fmt: skip
 
 
-def bench_grpo_workload(hf, mg, args):
+def count_until_eos(rows, eos):
+    eos_t = torch.tensor(eos)
+    total = 0
+    for row in rows:
+        hit = torch.isin(row, eos_t).nonzero()
+        total += int(hit[0]) + 1 if hit.numel() else row.numel()
+    return total
+
+
+def bench_grpo_workload(hf, models, args):
     from megatron_vcap.rollout.generate import generate
     from megatron_vcap.rollout.sampling import SamplingParams
 
@@ -236,39 +253,24 @@ def bench_grpo_workload(hf, mg, args):
     G, N = args.group_size, args.share_new_tokens
     eos = list(range(1, 1 + max(1, int(args.eos_fraction * args.vocab))))
     params = SamplingParams(temperature=1.0, max_new_tokens=N, eos_token_ids=eos)
-    ours_s, ours = timed(
-        lambda: generate(mg, prompts, sampling=params, group_size=G, seed=0), args.repeats
-    )
-    ours_tokens = sum(o.num_tokens for o in ours)
-
-    def run_hf():
-        outs = []
-        for p in prompts:  # equal-length batches would need padding; one call per prompt
-            ids = p.input_ids_S[None].to(args.device)
-            outs.append(hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                    do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                    max_new_tokens=N, num_return_sequences=G,
-                                    eos_token_id=eos, pad_token_id=0)[:, ids.size(1):].cpu())  # fmt: skip
-        return outs
-
+    hf_sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                       num_return_sequences=G, eos_token_id=eos)  # fmt: skip
     with torch.no_grad():
-        hf_s, hf_outs = timed(run_hf, args.repeats)
-    eos_t = torch.tensor(eos)
-    hf_tokens = 0
-    for out in hf_outs:
-        for row in out:
-            hit = torch.isin(row, eos_t).nonzero()
-            hf_tokens += int(hit[0]) + 1 if hit.numel() else row.numel()
+        hf_s, hf_out = timed(
+            lambda: hf_generate(hf, prompts, N, args.device, **hf_sampling), args.repeats
+        )
+    hf_rate = count_until_eos(hf_out, eos) / hf_s
     print(f"[3] GRPO rollout workload, {args.prompts} prompts x G={G}, prompt "
           f"~{args.share_prompt_len} tokens, <= {N} new tokens, T=1.0, EOS p~{args.eos_fraction}")  # fmt: skip
-    print(f"    megatron_vcap (shared prefix) : {ours_tokens / ours_s:9.1f} tokens/s "
-          f"({ours_tokens} tokens, {ours_s:.3f} s)")  # fmt: skip
-    print(f"    transformers num_return_seq.  : {hf_tokens / hf_s:9.1f} tokens/s "
-          f"({hf_tokens} tokens, {hf_s:.3f} s)")  # fmt: skip
-    print(
-        f"    ratio ours/transformers       : {(ours_tokens / ours_s) / (hf_tokens / hf_s):.2f}x"
-        "   (target >= 1.0)"
-    )
+    print(f"    transformers (num_return_sequences): {hf_rate:8.1f} tokens/s ({hf_s:.3f} s)")
+    for name, mg in models.items():
+        ours_s, ours = timed(
+            lambda mg=mg: generate(mg, prompts, sampling=params, group_size=G, seed=0),
+            args.repeats,
+        )
+        rate = sum(o.num_tokens for o in ours) / ours_s
+        print(f"    ours, {name:24s}     : {rate:8.1f} tokens/s ({ours_s:.3f} s)  "
+              f"ratio {rate / hf_rate:.2f}x (target >= 1.0)")  # fmt: skip
 
 
 def main(argv=None):
@@ -277,19 +279,29 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     hf = build_hf(args).to(args.device)
-    mg = build_megatron(args).to(args.device)
-    copy_hf_to_megatron(hf, mg, args)
-    ids = torch.randint(0, args.vocab, (2, 40), device=args.device)
-    pos = torch.arange(40, device=args.device).expand(3, 2, 40)
-    with torch.no_grad():
-        diff = (mg(ids, pos, None) - hf(input_ids=ids).logits).abs().max().item()
-    print(f"device {args.device}, threads {torch.get_num_threads()}, layers {args.layers}, "
-          f"hidden {args.hidden}, vocab {args.vocab}; HF vs Megatron logits max diff {diff:.2e}")  # fmt: skip
-    if diff > 1e-3:
-        raise SystemExit("weight copy is wrong: logits differ; timings would be meaningless")
-    bench_vs_transformers(hf, mg, args)
-    bench_prefix_sharing(mg, args)
-    bench_grpo_workload(hf, mg, args)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device {args.device}, threads {torch.get_num_threads()}, load average {load:.1f}, "
+          f"layers {args.layers}, hidden {args.hidden}, vocab {args.vocab}")  # fmt: skip
+    models = {}
+    for core in args.core_attention.split(","):
+        mg = build_megatron(args, core).to(args.device)
+        copy_hf_to_megatron(hf, mg, args)
+        ids = torch.randint(0, args.vocab, (2, 40), device=args.device)
+        pos = torch.arange(40, device=args.device).expand(3, 2, 40)
+        with torch.no_grad():
+            diff = (mg(ids, pos, None) - hf(input_ids=ids).logits).abs().max().item()
+        label = {"local": "local DotProductAttention", "sdpa": "SDPA core attention"}[core]
+        print(f"    {label}: logits vs transformers max diff {diff:.2e}")
+        if diff > 1e-3:
+            raise SystemExit("weight copy is wrong: logits differ; timings would be meaningless")
+        models[label] = mg
+    sections = set(args.sections.split(","))
+    if "1" in sections:
+        bench_vs_transformers(hf, models, args)
+    if "2" in sections:
+        bench_prefix_sharing(models, args)
+    if "3" in sections:
+        bench_grpo_workload(hf, models, args)
 
 
 if __name__ == "__main__":

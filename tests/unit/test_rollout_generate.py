@@ -202,3 +202,18 @@ def test_sampler_logprobs_equal_trainer_logprobs_over_the_train_batch(model, pro
         for b, r in enumerate(rollouts):
             trainer = logp_BT[b][batch.loss_mask_BT[b] > 0]
             torch.testing.assert_close(trainer, r.sampler_logp_R, atol=1e-5, rtol=0)
+
+
+def test_sdpa_core_attention_decodes_like_the_local_one(model, prompts, oracle):
+    torch.manual_seed(3)  # the fixture's seed: identical weights, only the attention core differs
+    sdpa = build_tiny_mrope_gpt(TinyGPTConfig(vocab_size=VOCAB, core_attention="sdpa"))
+    assert (
+        type(sdpa.decoder.layers[0].self_attention.core_attention).__name__ == "SDPACoreAttention"
+    )
+    for (name, a), b in zip(model.state_dict().items(), sdpa.state_dict().values()):
+        assert a is None or torch.equal(a, b), name
+    for kv_layout in ("left_pad", "aligned"):
+        outs = generate(sdpa, prompts, sampling=GREEDY, kv_layout=kv_layout, return_logprobs=True)
+        for out, (tokens, logps) in zip(outs, oracle):
+            assert out.response_ids_R.tolist() == tokens
+            torch.testing.assert_close(out.logprobs_R, torch.tensor(logps), atol=1e-5, rtol=0)

@@ -80,3 +80,13 @@ def test_stop_string_split_over_tokens_with_multibyte_text():
     assert length.check([0, 0]) is None and length.check([0, 0, 0]) == "length"
     assert length.check([0, 5]) == "eos"
     assert length.check([0, 0, 5]) == "eos"  # EOS wins over length at the last slot
+
+
+def test_suppressed_tokens_are_never_chosen():
+    logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]]).repeat(500, 1)
+    greedy = SamplingParams(temperature=0.0, suppress_token_ids=[0])
+    assert sample_tokens(logits, greedy).unique().tolist() == [1]
+    sampled = SamplingParams(temperature=2.0, suppress_token_ids=[0, 1])
+    drawn = sample_tokens(logits, sampled, torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {2, 3}
+    assert logits[0, 0] == 5.0  # the caller's logits are left alone
