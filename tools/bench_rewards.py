@@ -132,7 +132,8 @@ def _serve(latency: float, conn) -> None:
 
     with FakeOpenAIServer(latency_s=latency) as server:
         conn.send(server.base_url)
-        conn.recv()  # run until the parent says stop
+        while conn.recv() == "cpu?":  # answer CPU-time queries until told to stop
+            conn.send(time.process_time())
 
 
 def bench_judge(args) -> None:
@@ -152,13 +153,18 @@ def bench_judge(args) -> None:
             with RewardService(RewardConfig(), judge) as svc:
                 # Warm-up outside the timing: imports, client set-up, connections.
                 svc.score(make_requests(conc, seed=9))
+                parent.send("cpu?")
+                server_cpu = parent.recv()
                 start, cpu = time.perf_counter(), time.process_time()
                 results = svc.score(requests)
                 times[conc] = time.perf_counter() - start
                 cpu = time.process_time() - cpu
+                parent.send("cpu?")
+                server_cpu = parent.recv() - server_cpu
             failed = sum(r.failed for r in results)
             print(f"  concurrency {conc:3d}: {len(results)} responses in {times[conc]:7.2f} s "
-                  f"({len(results) / times[conc]:7.1f} resp/s, {failed} failed, client CPU {cpu:.2f} s)")  # fmt: skip
+                  f"({len(results) / times[conc]:7.1f} resp/s, {failed} failed; CPU s: client {cpu:.2f}, "
+                  f"server {server_cpu:.2f})")  # fmt: skip
     finally:
         parent.send("stop")
         proc.join(timeout=10)
