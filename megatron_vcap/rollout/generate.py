@@ -88,7 +88,6 @@ def check_generation_parallelism(model, tp_group: dist.ProcessGroup | None) -> N
 class _Layout:
     """Where every row's tokens live in the cache and where its generation begins."""
 
-    prompt_of_row_B: torch.Tensor
     shift_B: torch.Tensor  # column of the row's first prompt token
     gen_start_B: torch.Tensor  # column of the row's first generated token
     tokens_BC: torch.Tensor
@@ -117,7 +116,6 @@ def _build_layout(prompts, group_size, max_new_tokens, kv_layout, device) -> _La
         shift_B[row] = shift
     gen_start_B = shift_B + torch.tensor(lengths).repeat_interleave(group_size)
     return _Layout(
-        prompt_of_row_B=torch.arange(len(prompts)).repeat_interleave(group_size).to(device),
         shift_B=shift_B.to(device),
         gen_start_B=gen_start_B.to(device),
         tokens_BC=tokens_BC.to(device),
