@@ -105,7 +105,7 @@ def test_f1_and_cnscore_modes_by_hand():
 
 
 def test_submit_does_not_wait_for_the_judge():
-    server = FakeOpenAIServer(latency_s=0.5)
+    server = FakeOpenAIServer(latency_s=1.0)  # long enough that no scheduler stall finishes it
     with server, RewardService(RewardConfig(), openai_cfg(server, timeout_s=5.0)) as svc:
         handle = svc.submit([task_request(f"s{i}", 2, 4) for i in range(8)])
         assert not handle.done()
