@@ -142,10 +142,15 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234, env: LaunchEnv | Non
     return ctx
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(process_group: bool = True) -> None:
+    """Tear down Megatron's groups and (unless ``process_group`` is False) the default group.
+
+    Callers that found the process group already initialised (a test harness, a notebook)
+    keep it alive for whatever runs next in the same processes.
+    """
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if dist.is_initialized():
+    if process_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -70,7 +70,8 @@ def build_model_dir(out: Path, tokenizer_dir: Path, s: DemoSettings) -> Path:
         text_hidden_size=s.hidden,
         text_intermediate_size=2 * s.hidden,
         text_num_hidden_layers=s.layers,
-        text_num_attention_heads=8,  # head_dim 16: the preset mrope_section [2, 3, 3] fits
+        # head_dim 16: the preset mrope_section [2, 3, 3] fits.
+        text_num_attention_heads=s.hidden // 16,
         text_num_key_value_heads=2,
         vision_depth=s.vision_depth,
         vision_hidden_size=64,

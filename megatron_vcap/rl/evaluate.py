@@ -120,6 +120,7 @@ def evaluate_main(cfg, ckpt_dir: str, manifest: str, out_path: str, batch_size: 
     from megatron_vcap.rewards.service import RewardService
     from megatron_vcap.rl.policy import PromptBuilder
 
+    owns_process_group = not torch.distributed.is_initialized()
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)
     hf_dir = Path(ckpt_dir) / "hf"
     if not (hf_dir / "config.json").is_file():
@@ -155,5 +156,5 @@ def evaluate_main(cfg, ckpt_dir: str, manifest: str, out_path: str, batch_size: 
             json.dumps({"summary": summary, "samples": all_records}, indent=1)
         )
         log.info("eval %s: %s", ckpt_dir, summary)
-    destroy_distributed()
+    destroy_distributed(process_group=owns_process_group)
     return summary

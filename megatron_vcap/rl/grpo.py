@@ -17,8 +17,10 @@ rewards, so the judge is asked once per sample.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -59,6 +61,7 @@ class GRPOController:
         self.prompts = prompt_builder
         self.rewards = reward_service
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        self.rollout_log_dir = Path(cfg.train.run_dir) / "rollouts" if cfg.train.run_dir else None
         self._rollout_seed = cfg.train.seed * 1000 + ctx.dp_rank
 
     # -- phases ------------------------------------------------------------------------------
@@ -169,18 +172,32 @@ class GRPOController:
 
     def step(self, items, step: int) -> dict[str, float]:
         timer = PhaseTimer()
-        grpo = self.cfg.grpo
         with timer.phase("rollout"):
             t0 = time.perf_counter()
             rollouts = self.generate(items, step)
             gen_seconds = time.perf_counter() - t0
         handle = self.submit_rewards(rollouts)
+        metrics, results = self.train_on(
+            rollouts, lambda n: self.collect_rewards(handle, n), timer, step=step
+        )
+        resp_tokens = sum(o.num_tokens for o in rollouts.outputs)
+        metrics["tokens_per_s"] = resp_tokens / max(gen_seconds, 1e-9)
+        if results is not None:
+            from megatron_vcap.rewards.service import summarize_results
+
+            metrics.update({f"reward/{k}": v for k, v in summarize_results(results).items()})
+        return gather_rank_metrics(metrics, self.ctx)
+
+    def train_on(self, rollouts: RolloutBatch, collect, timer: PhaseTimer, *, step: int):
+        """Reference pass, rewards (``collect(num_samples) -> (rewards_B, valid_B, results)``),
+        advantages and one policy update on ``rollouts``; returns (metrics, reward results)."""
+        grpo = self.cfg.grpo
         batch = self.build_batch(rollouts)
         micro_batches = batch.micro_batches(self.cfg.train.micro_batch_size)
         with timer.phase("ref_logp"):
             self.reference_logprobs(micro_batches)
         with timer.phase("reward_wait"):
-            rewards_B, valid_B, results = self.collect_rewards(handle, batch.num_samples)
+            rewards_B, valid_B, results = collect(batch.num_samples)
         adv_B, adv_metrics = compute_group_advantages(
             rewards_B, group_size=grpo.group_size, scale_by_std=grpo.scale_by_std, valid_B=valid_B
         )
@@ -191,20 +208,39 @@ class GRPOController:
             mb.loss_mask_BT = mb.loss_mask_BT * valid_B[rows].float()[:, None]
             start += mb.num_samples
         with timer.phase("update"):
-            update_metrics = self.update(micro_batches)
-        resp_tokens = sum(o.num_tokens for o in rollouts.outputs)
-        metrics = {
-            **update_metrics,
-            **{f"adv/{k}": v for k, v in adv_metrics.items()},
-            "response_len": resp_tokens / max(len(rollouts.outputs), 1),
-            "tokens_per_s": resp_tokens / max(gen_seconds, 1e-9),
-            **timer.as_metrics(),
-        }
-        if results is not None:
-            from megatron_vcap.rewards.service import summarize_results
+            metrics = self.update(micro_batches)
+        self._log_rollouts(rollouts, rewards_B, adv_B, valid_B, step)
+        metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
+        metrics["response_len"] = sum(o.num_tokens for o in rollouts.outputs) / max(
+            len(rollouts.outputs), 1
+        )
+        metrics.update(timer.as_metrics())
+        return metrics, results
 
-            metrics.update({f"reward/{k}": v for k, v in summarize_results(results).items()})
-        return gather_rank_metrics(metrics, self.ctx)
+    def _log_rollouts(self, rollouts: RolloutBatch, rewards_B, adv_B, valid_B, step: int):
+        """One JSON line per sample in ``<run_dir>/rollouts/dp_rank_XXX.jsonl`` (TP rank 0)."""
+        if self.rollout_log_dir is None or self.ctx.tp_rank != 0 or self.ctx.pp_rank != 0:
+            return
+        self.rollout_log_dir.mkdir(parents=True, exist_ok=True)
+        path = self.rollout_log_dir / f"dp_rank_{self.ctx.dp_rank:03d}.jsonl"
+        with open(path, "a") as f:
+            for i, (out, text) in enumerate(zip(rollouts.outputs, rollouts.texts)):
+                sample = rollouts.items[out.prompt_index].sample
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step + 1,
+                            "sample_id": sample.id,
+                            "sample_index": out.sample_index,
+                            "reward": float(rewards_B[i]),
+                            "advantage": float(adv_B[i]),
+                            "valid": bool(valid_B[i]),
+                            "finish_reason": out.finish_reason,
+                            "response": text,
+                        }
+                    )
+                    + "\n"
+                )
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from megatron_vcap.config.loader import ConfigError, to_dict
 
 log = logging.getLogger(__name__)
@@ -153,6 +155,7 @@ def train_main(cfg) -> int:
     from megatron_vcap.rl.metrics_log import MetricsLogger
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    owns_process_group = not torch.distributed.is_initialized()
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
     if ctx.rank == 0:
@@ -191,7 +194,7 @@ def train_main(cfg) -> int:
         close = getattr(loader, "close", None)
         if close is not None:
             close()
-    destroy_distributed()
+    destroy_distributed(process_group=owns_process_group)
     return 0
 
 
