@@ -127,10 +127,15 @@ class QwenVLModel(MegatronModule):
         video = next(chunks) if pixel_values_videos is not None else None
         return image, video
 
-    def _embed(self, input_ids, vision_inputs, in_decode: bool) -> torch.Tensor:
+    def _embed(self, input_ids, vision_inputs, in_decode: bool, video_index=None) -> torch.Tensor:
         """Token embeddings with vision tokens placed at their pad tokens: [S, B, H]."""
         embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
         image, video = self.encode_vision(*vision_inputs)
+        if video is not None and video_index is not None:
+            # Each distinct video was encoded once; repeat its tokens for every use, in order.
+            unit = self.spec.spatial_merge_size**2
+            per_video = video.split((vision_inputs[3].prod(-1) // unit).tolist())
+            video = torch.cat([per_video[i] for i in video_index.tolist()])
         for features, token_id, name in (
             (image, self.spec.image_token_id, "image"),
             (video, self.spec.video_token_id, "video"),
@@ -197,17 +202,24 @@ class QwenVLModel(MegatronModule):
         labels: torch.Tensor | None = None,
         inference_context=None,
         runtime_gather_output: bool | None = None,
+        video_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, Sq], position_ids [3, B, Sk] (mRoPE), attention_mask [B, Sk] (1 = real
         token; or a Megatron mask [B, 1, Sq|1, Sk], True = masked, to which causality is added).
 
         Returns logits [B, Sq, V] (vocab-sharded across TP unless ``runtime_gather_output``), the
         per-token loss [B, Sq] when ``labels`` are given, or hidden states on non-last stages.
+
+        ``video_index`` (int [n]): the videos in ``pixel_values_videos`` are distinct and the
+        sequence uses video ``video_index[k]`` at its k-th video placeholder, so rows sharing a
+        video (the G samples of a GRPO prompt) encode it once; gradients add up over the uses.
         """
         decoder_input = None
         if self.pre_process:
             vision_inputs = (pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-            decoder_input = self._embed(input_ids, vision_inputs, inference_context is not None)
+            decoder_input = self._embed(
+                input_ids, vision_inputs, inference_context is not None, video_index
+            )
         return self.language_model(
             input_ids,
             position_ids,

@@ -20,7 +20,21 @@ from megatron_vcap.rl.records import TrainBatch
 
 
 def model_vision_kwargs(mb: TrainBatch) -> dict[str, torch.Tensor]:
-    """Vision inputs in row order: each row's prompt patches concatenated, grids stacked."""
+    """The model's vision inputs for a micro-batch.
+
+    When every prompt holds exactly one video (GRPO and SFT prompts do), each distinct video is
+    passed once with ``video_index`` mapping rows to it, so the G samples of a prompt share one
+    vision-tower pass. Otherwise each row's inputs are concatenated in row order.
+    """
+    if mb.vision and all(
+        set(v) == {"pixel_values_videos", "video_grid_thw"} and v["video_grid_thw"].shape[0] == 1
+        for v in mb.vision
+    ):
+        return {
+            "pixel_values_videos": torch.cat([v["pixel_values_videos"] for v in mb.vision]),
+            "video_grid_thw": torch.cat([v["video_grid_thw"] for v in mb.vision]),
+            "video_index": mb.prompt_index_B,
+        }
     per_row = mb.vision_for_rows()
     keys = sorted({k for v in per_row for k in v})
     return {key: torch.cat([v[key] for v in per_row if key in v], dim=0) for key in keys}

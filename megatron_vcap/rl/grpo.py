@@ -111,21 +111,26 @@ class GRPOController:
             records, rollouts.prompts, adv_B, pad_token_id=self.prompts.pad_token_id
         )
 
+    def old_logprobs(self, micro_batches) -> None:
+        """Log-probs of the sampling policy, needed when one batch feeds several updates."""
+        self._logprob_pass(self.bundle.model, micro_batches, "old_logp_BT")
+
     def reference_logprobs(self, micro_batches) -> None:
         if self.cfg.grpo.kl_beta <= 0:
             return
-        with self.reference.on_device() as ref_model, torch.no_grad():
-            outputs = run_microbatches(
-                ref_model,
-                micro_batches,
-                logprob_loss_fn(
-                    tp_group=self.ctx.tp_group, temperature=self.temperature, key="logp"
-                ),
-                forward_only=True,
-            )
+        with self.reference.on_device() as ref_model:
+            self._logprob_pass(ref_model, micro_batches, "ref_logp_BT")
+
+    def _logprob_pass(self, model, micro_batches, field: str) -> None:
+        """Forward-only pass storing each micro-batch's token log-probs in ``mb.<field>``."""
+        loss_fn = logprob_loss_fn(
+            tp_group=self.ctx.tp_group, temperature=self.temperature, key="logp"
+        )
+        with torch.no_grad():
+            outputs = run_microbatches(model, micro_batches, loss_fn, forward_only=True)
         if self.ctx.is_last_stage:
             for mb, out in zip(micro_batches, outputs):
-                mb.ref_logp_BT = out["logp"]
+                setattr(mb, field, out["logp"])
 
     def collect_rewards(self, handle, num_samples: int):
         """Wait for the judge; broadcast (reward, valid) over the model-parallel group."""
@@ -194,6 +199,10 @@ class GRPOController:
         grpo = self.cfg.grpo
         batch = self.build_batch(rollouts)
         micro_batches = batch.micro_batches(self.cfg.train.micro_batch_size)
+        if grpo.updates_per_batch > 1:
+            # With one update per batch the ratio is exactly 1 and this pass is skipped.
+            with timer.phase("old_logp"):
+                self.old_logprobs(micro_batches)
         with timer.phase("ref_logp"):
             self.reference_logprobs(micro_batches)
         with timer.phase("reward_wait"):
@@ -208,7 +217,8 @@ class GRPOController:
             mb.loss_mask_BT = mb.loss_mask_BT * valid_B[rows].float()[:, None]
             start += mb.num_samples
         with timer.phase("update"):
-            metrics = self.update(micro_batches)
+            for _ in range(grpo.updates_per_batch):
+                metrics = self.update(micro_batches)
         self._log_rollouts(rollouts, rewards_B, adv_B, valid_B, step)
         metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
         metrics["response_len"] = sum(o.num_tokens for o in rollouts.outputs) / max(

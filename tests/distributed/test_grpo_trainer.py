@@ -129,8 +129,22 @@ def _resume_runs(ws: dict) -> dict:
 
     root = Path(ws["root"])
     for run_dir, steps in ((root / "straight", 4), (root / "resumed", 2), (root / "resumed", 4)):
-        train_main(load_job_config(recipe_path(), _overrides(ws, run_dir, steps), world_size=2))
+        # Two updates per rollout batch: the old-log-prob pass and the clipped ratio are live.
+        overrides = _overrides(ws, run_dir, steps) + ["grpo.updates_per_batch=2"]
+        train_main(load_job_config(recipe_path(), overrides, world_size=2))
     return {}
+
+
+def _sft_run(ws: dict) -> None:
+    from megatron_vcap.config.job import load_job_config
+    from megatron_vcap.rl.train import train_main
+
+    overrides = _overrides(ws, Path(ws["root"]) / "sft", 4) + [
+        "train.mode=sft",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=1",
+    ]
+    train_main(load_job_config(recipe_path(), overrides, world_size=2))
 
 
 def _all_checks(ws: dict):
@@ -139,6 +153,7 @@ def _all_checks(ws: dict):
     holder: dict = {}
     results = {tp: _tp_update(ws, tp, holder) for tp in (1, 2)}
     _resume_runs(ws)
+    _sft_run(ws)
     dist.barrier()
     return results
 
@@ -215,3 +230,12 @@ def test_grpo_tp2_update_and_exact_resume(workspace):
         ]
         == 4
     )
+
+    # The second update of each batch sees a ratio != 1 against the sampling policy.
+    grpo_rows = [json.loads(x) for x in (root / "straight/metrics.jsonl").read_text().splitlines()]
+    assert all(r["ratio_max"] > 1.0 + 1e-6 or r["ratio_min"] < 1.0 - 1e-6 for r in grpo_rows)
+
+    # SFT on the same pipeline (micro-batches of 1, DP=2): the target NLL falls.
+    sft = [json.loads(x) for x in (root / "sft/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sft] == [1, 2, 3, 4]
+    assert sft[-1]["nll_mean"] < sft[0]["nll_mean"], [r["nll_mean"] for r in sft]
