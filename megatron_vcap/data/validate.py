@@ -44,7 +44,7 @@ def _full_decode(path: str) -> int:
 
     with av.open(path) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream.thread_type = "SLICE"
         return sum(1 for _ in container.decode(stream))
 
 

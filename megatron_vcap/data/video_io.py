@@ -111,7 +111,9 @@ class DecordReader:
 
 
 class PyAVReader:
-    """PyAV reader that seeks to the keyframe before each wanted frame, like decord."""
+    """PyAV reader: a packet index from demuxing (no decoding) gives exact frame counts and
+    keyframe positions; reads seek to the keyframe before each wanted frame (like decord) and
+    skip decoding the unwanted frames that no other frame references."""
 
     def __init__(self, path: str, num_threads: int = 0):
         import av
@@ -121,7 +123,9 @@ class PyAVReader:
             self._container.close()
             raise VideoDataError(path, "unreadable", "the file has no video stream")
         self._stream = self._container.streams.video[0]
-        self._stream.thread_type = "AUTO"
+        # Slice threads only: frame threading deadlocks now and then when a reader seeks or is
+        # closed with frames in flight (seen with PyAV 18 under a seek/close stress loop).
+        self._stream.thread_type = "SLICE"
         if num_threads:
             self._stream.thread_count = num_threads
         pts, key_pts = [], []
@@ -148,37 +152,50 @@ class PyAVReader:
 
     def get_frames(self, indices: list[int]) -> np.ndarray:
         wanted = {self._pts[i]: i for i in indices}
+        ctx = self._stream.codec_context
         out: dict[int, np.ndarray] = {}
-        frames = None  # one decode iterator per seek: a new one would drop buffered frames
-        decoded_up_to = None  # pts of the last frame the decoder produced
+        packets = None  # demux iterator, restarted at each seek
+        demuxed_up_to = None  # largest pts handed to the decoder since the last seek
+
+        def take(frames) -> None:
+            for frame in frames:
+                if frame.pts in wanted and wanted[frame.pts] not in out:
+                    out[wanted[frame.pts]] = frame.to_ndarray(format="rgb24")
+
         for target in sorted(wanted):
             if wanted[target] in out:
                 continue
-            if frames is None or self._needs_seek(decoded_up_to, target):
+            if packets is None or self._needs_seek(demuxed_up_to, target):
                 key = self._key_pts[max(0, bisect.bisect_right(self._key_pts, target) - 1)]
                 self._container.seek(key, stream=self._stream, backward=True, any_frame=False)
-                frames = self._container.decode(self._stream)
-            for frame in frames:
-                if frame.pts is None:
+                packets, demuxed_up_to = self._container.demux(self._stream), None
+            for packet in packets:
+                if packet.size == 0 or packet.pts is None:
                     continue
-                decoded_up_to = frame.pts
-                if frame.pts in wanted:
-                    out[wanted[frame.pts]] = frame.to_ndarray(format="rgb24")
-                if frame.pts >= target:
+                demuxed_up_to = max(packet.pts, demuxed_up_to or packet.pts)
+                # Frames nobody asked for that no other frame references (most B-frames) are
+                # not decoded at all; the frames we keep are bit-identical either way.
+                ctx.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+                take(ctx.decode(packet))
+                if wanted[target] in out:
                     break
+            else:  # end of stream: drain the frames the decoder still holds
+                ctx.skip_frame = "DEFAULT"
+                take(ctx.decode(None))
+                packets = None
             if wanted[target] not in out:
                 raise VideoDataError(
                     self.meta.path, "truncated", f"frame {wanted[target]} could not be decoded"
                 )
         return np.stack([out[i] for i in indices])
 
-    def _needs_seek(self, decoded_up_to: int | None, target: int) -> bool:
-        # Seek backwards always; forwards only when a keyframe lies between, since decoding on
-        # from the current position is then slower than restarting at that keyframe.
-        if decoded_up_to is None or target <= decoded_up_to:
-            return True
+    def _needs_seek(self, demuxed_up_to: int | None, target: int) -> bool:
+        # Seek when a keyframe lies between the decoder's position and the target: restarting
+        # there is cheaper than decoding everything in between.
+        if demuxed_up_to is None:
+            return False
         k = bisect.bisect_right(self._key_pts, target) - 1
-        return k >= 0 and self._key_pts[k] > decoded_up_to
+        return k >= 0 and self._key_pts[k] > demuxed_up_to
 
     def close(self) -> None:
         self._container.close()
@@ -258,6 +275,7 @@ def write_mp4(
     height: int,
     codec: str = "libx264",
     crf: int = 18,
+    gop: int | None = None,
 ) -> Path:
     """Encode an iterable of uint8 [height, width, 3] RGB frames as an H.264 MP4 with PyAV.
 
@@ -275,6 +293,8 @@ def write_mp4(
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=rate, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if gop is not None:  # keyframe interval (frames)
+            stream.codec_context.gop_size = gop
         for frame in frames:
             video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
             container.mux(stream.encode(video_frame))
