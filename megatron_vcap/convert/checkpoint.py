@@ -75,13 +75,8 @@ def load_hf_weights(model, hf_dir: str | Path, *, progress: bool = False) -> int
             if rule is None:
                 raise KeyError(f"model parameter '{name}' ({canonical}) has no mapping rule")
             full = mapping.hf_to_mcore(rule, [reader.get(n) for n in rule.hf], spec)
-            param.copy_(shard_for_param(rule, full, param, tp_rank, tp_size))
-    reader.close()
+            param.copy_(mapping.shard_for_rank(rule, full, param.shape, tp_rank, tp_size))
     return len(params)
-
-
-def shard_for_param(rule, full: torch.Tensor, param, tp_rank: int, tp_size: int) -> torch.Tensor:
-    return mapping.shard_for_rank(rule, full, param.shape, tp_rank, tp_size)
 
 
 # ---- Megatron dist checkpoints --------------------------------------------------------------

@@ -54,7 +54,6 @@ class HFWeightReader:
         else:
             raise ConfigError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE} (not a HF model dir?)")
         self._where = {normalize_hf_name(k): (file, k) for k, file in weight_map.items()}
-        self._handles: dict[str, object] = {}
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -66,12 +65,10 @@ class HFWeightReader:
         if name not in self._where:
             raise KeyError(f"{self.dir}: tensor '{name}' not found in the safetensors files")
         file, stored = self._where[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.dir / file, framework="pt")
-        return self._handles[file].get_tensor(stored)
-
-    def close(self) -> None:
-        self._handles.clear()
+        # Opened per tensor: a file kept open keeps every page read so far mapped (and counted
+        # in the process's memory) until the end of the conversion.
+        with safe_open(self.dir / file, framework="pt") as f:
+            return f.get_tensor(stored)
 
 
 class SafetensorsShardWriter:

@@ -130,6 +130,7 @@ def build_megatron_configs(
     qwen25 = spec.arch == "qwen2_5_vl"
     vision_kwargs = dict(
         common,
+        **_fp8_kwargs(model_cfg),
         pipeline_model_parallel_size=1,
         num_attention_heads=spec.vision_num_heads,
         normalization="RMSNorm" if qwen25 else "LayerNorm",

@@ -142,12 +142,15 @@ class PackedSDPAttention(MegatronModule):
         )
 
 
-def build_layer_spec(use_te: bool, *, rms_norm: bool, vision: bool) -> ModuleSpec:
+def build_layer_spec(
+    use_te: bool, *, rms_norm: bool, vision: bool, fp32: bool = False
+) -> ModuleSpec:
     """A transformer layer: norm, self-attention, residual, norm, MLP, residual.
 
     ``vision`` selects bidirectional attention over packed segments (no causal mask); otherwise
     the layer is a causal decoder layer. Norm kind and MLP shape (gated or not, activation, biases)
-    come from the layer's ``TransformerConfig``.
+    come from the layer's ``TransformerConfig``. ``fp32`` vision layers use
+    :class:`PackedSDPAttention` even with TE: TE's fused kernels take 16-bit inputs only.
     """
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -161,7 +164,7 @@ def build_layer_spec(use_te: bool, *, rms_norm: bool, vision: bool) -> ModuleSpe
         else backend.column_parallel_linear()
     )
     if vision:
-        core_attention = backend.core_attention() if use_te else PackedSDPAttention
+        core_attention = backend.core_attention() if use_te and not fp32 else PackedSDPAttention
         mask_type = AttnMaskType.no_mask
     else:
         core_attention = backend.core_attention()

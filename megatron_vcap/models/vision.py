@@ -142,41 +142,59 @@ class QwenVisionModel(MegatronModule):
             dtype=configs.vision.params_dtype,
         )
         self.rotary = VisionRotaryEmbedding(spec.vision_head_dim, spec.vision_rope_theta)
-        layer_spec = specs.build_layer_spec(use_te, rms_norm=spec.arch == "qwen2_5_vl", vision=True)
+        layer_spec = specs.build_layer_spec(
+            use_te,
+            rms_norm=spec.arch == "qwen2_5_vl",
+            vision=True,
+            fp32=configs.vision.params_dtype == torch.float32,
+        )
         self.blocks = nn.ModuleList(
             build_module(layer_spec, config=configs.vision, layer_number=i + 1)
             for i in range(spec.vision_depth)
         )
         self.merger = PatchMerger(configs, spec, use_te)
+        # Packed rows are padded to a multiple of this (16 merged tokens) for FP8 GEMMs.
+        self.pad_multiple = 16 * spec.spatial_merge_size**2 if configs.vision.fp8 else 1
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """[N, C*T*P*P] pixels, [n_items, 3] grids -> [U, H] merged tokens in input order."""
+        from megatron.core.fp8_utils import get_fp8_context
+
         spec = self.spec
-        merge_unit = spec.spatial_merge_size**2
+        unit = spec.spatial_merge_size**2
+        grid_thw = grid_thw.cpu()
         weight = self.patch_embed.proj.weight
         patches = pixel_values.to(weight.dtype).view(
             -1, spec.in_channels, spec.temporal_patch_size, spec.patch_size, spec.patch_size
         )
         hidden = self.patch_embed.proj(patches).view(-1, spec.vision_hidden_size)
-        rotary = self.rotary(compute_patch_hw(grid_thw.cpu(), spec.spatial_merge_size))
+        rotary = self.rotary(compute_patch_hw(grid_thw, spec.spatial_merge_size))
         rotary = rotary.to(hidden.device)
-        frames = _packed(compute_frame_cu_seqlens(grid_thw.cpu()), hidden.device)
+        segments = {"frames": compute_frame_cu_seqlens(grid_thw)}
         window_index = None
         if spec.uses_window_attention:
             window_units = spec.window_size // spec.spatial_merge_size // spec.patch_size
-            window_index, cu_windows = compute_window_index(
-                grid_thw.cpu(), spec.spatial_merge_size, window_units
+            window_index, segments["windows"] = compute_window_index(
+                grid_thw, spec.spatial_merge_size, window_units
             )
-            windows = _packed(cu_windows, hidden.device)
-            hidden = _permute_units(hidden, window_index, merge_unit)
-            rotary = _permute_units(rotary, window_index, merge_unit)
+            hidden = _permute_units(hidden, window_index, unit)
+            rotary = _permute_units(rotary, window_index, unit)
+        num_patches = hidden.shape[0]
+        pad = (-num_patches) % self.pad_multiple
+        if pad:  # FP8 GEMMs need row counts divisible by 16: pad rows form their own segment
+            hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[1])])
+            rotary = torch.cat([rotary, rotary.new_zeros(pad, *rotary.shape[1:])])
+            end = torch.tensor([num_patches + pad], dtype=torch.int32)
+            segments = {k: torch.cat([cu, end]) for k, cu in segments.items()}
+        packed = {k: _packed(cu, hidden.device) for k, cu in segments.items()}
         hidden = hidden.unsqueeze(1)  # [N, 1, D]: Megatron's [s, b, h] with one packed row
-        for i, block in enumerate(self.blocks):
-            packed = frames
-            if window_index is not None and i not in spec.fullatt_block_indexes:
-                packed = windows
-            hidden = self._run_block(block, hidden, rotary, packed)
-        merged = self.merger(hidden.squeeze(1))
+        with get_fp8_context(self.config):
+            for i, block in enumerate(self.blocks):
+                full = window_index is None or i in spec.fullatt_block_indexes
+                hidden = self._run_block(
+                    block, hidden, rotary, packed["frames" if full else "windows"]
+                )
+            merged = self.merger(hidden.squeeze(1))[: num_patches // unit]
         if window_index is not None:
             merged = merged[torch.argsort(window_index.to(merged.device))]
         return merged

@@ -322,3 +322,21 @@ def test_backward_reaches_vision_and_language_model(single_rank, tmp_path_factor
             if n.startswith(("vision.blocks.", "vision.patch_embed."))
         )
         assert all((g == 0) == (freeze == "vision+merger") for g in merger)
+
+
+def test_fp8_row_padding_leaves_vision_outputs_unchanged(pair):
+    """With FP8 the packed patches are padded to a multiple of 64 rows (their own segment)."""
+    inputs = _batch(pair, "mixed")
+    pixels = torch.cat([inputs["pixel_values"], inputs["pixel_values_videos"]])
+    grids = torch.cat([inputs["image_grid_thw"], inputs["video_grid_thw"]])
+    assert pixels.shape[0] % 64 != 0
+    vision = pair.ours.vision
+    with torch.no_grad():
+        plain = vision(pixels, grids)
+        vision.pad_multiple = 64
+        try:
+            padded = vision(pixels, grids)
+        finally:
+            vision.pad_multiple = 1
+    assert padded.shape == plain.shape
+    assert (padded - plain).abs().max() < 1e-6
