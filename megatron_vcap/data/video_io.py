@@ -151,13 +151,22 @@ class PyAVReader:
         )
 
     def get_frames(self, indices: list[int]) -> np.ndarray:
+        import av
+
         wanted = {self._pts[i]: i for i in indices}
         ctx = self._stream.codec_context
         out: dict[int, np.ndarray] = {}
         packets = None  # demux iterator, restarted at each seek
         demuxed_up_to = None  # largest pts handed to the decoder since the last seek
 
-        def take(frames) -> None:
+        def take(packet) -> None:
+            try:
+                frames = ctx.decode(packet)
+            except av.error.FFmpegError as exc:
+                where = "the end of the stream" if packet is None else f"pts {packet.pts}"
+                raise VideoDataError(
+                    self.meta.path, "corrupt", f"decoding failed at {where}: {exc}"
+                ) from None
             for frame in frames:
                 if frame.pts in wanted and wanted[frame.pts] not in out:
                     out[wanted[frame.pts]] = frame.to_ndarray(format="rgb24")
@@ -166,7 +175,8 @@ class PyAVReader:
             if wanted[target] in out:
                 continue
             if packets is None or self._needs_seek(demuxed_up_to, target):
-                key = self._key_pts[max(0, bisect.bisect_right(self._key_pts, target) - 1)]
+                k = bisect.bisect_right(self._key_pts, target) - 1
+                key = self._key_pts[k] if k >= 0 else self._pts[0]  # no index: from the start
                 self._container.seek(key, stream=self._stream, backward=True, any_frame=False)
                 packets, demuxed_up_to = self._container.demux(self._stream), None
             for packet in packets:
@@ -176,16 +186,18 @@ class PyAVReader:
                 # Frames nobody asked for that no other frame references (most B-frames) are
                 # not decoded at all; the frames we keep are bit-identical either way.
                 ctx.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
-                take(ctx.decode(packet))
+                take(packet)
                 if wanted[target] in out:
                     break
             else:  # end of stream: drain the frames the decoder still holds
                 ctx.skip_frame = "DEFAULT"
-                take(ctx.decode(None))
+                take(None)
                 packets = None
             if wanted[target] not in out:
+                if not out:
+                    raise VideoDataError(self.meta.path, "no_frames", "no frame decodes")
                 raise VideoDataError(
-                    self.meta.path, "truncated", f"frame {wanted[target]} could not be decoded"
+                    self.meta.path, "corrupt", f"frame {wanted[target]} could not be decoded"
                 )
         return np.stack([out[i] for i in indices])
 

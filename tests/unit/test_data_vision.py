@@ -202,6 +202,16 @@ def test_bad_videos_raise_named_errors(tmp_path, videos):
         process_video(thin)
     with pytest.raises(VideoDataError, match="bad_range"):
         process_video(good, start=5.0, end=6.0)
+    # Intact container index, every coded frame zeroed: nothing decodes.
+    data = bytearray(good.read_bytes())
+    at = data.find(b"mdat")
+    size = int.from_bytes(data[at - 4 : at], "big")
+    data[at + 4 : at - 4 + size] = bytes(size - 8)
+    zeroed = tmp_path / "zeroed.mp4"
+    zeroed.write_bytes(bytes(data))
+    for backend in ("decord", "pyav"):
+        with pytest.raises(VideoDataError, match="zeroed.mp4: corrupt: .*decoding failed"):
+            process_video(zeroed, backend=backend)
 
 
 def test_pyav_reader_returns_decord_frames_bit_exactly(tmp_path):
