@@ -8,7 +8,6 @@ the converted-back directory must load in ``transformers`` and give the original
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -20,25 +19,7 @@ from megatron_vcap.models.presets import (
     save_tiny_hf_model_dir,
     tiny_hf_config,
 )
-from megatron_vcap.testing.multiprocess import find_free_port
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    from megatron_vcap.parallel.config import ParallelConfig
-    from megatron_vcap.parallel.runtime import destroy_distributed, init_distributed
-
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(find_free_port())
-    yield init_distributed(ParallelConfig(), seed=3)
-    destroy_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+from tests.unit.test_model_parity import single_rank  # noqa: F401  (a fixture)
 
 
 def _tensors(hf_dir) -> dict[str, torch.Tensor]:
@@ -117,7 +98,8 @@ def test_reader_accepts_transformers5_in_memory_names(tmp_path):
         ("qwen2_vl", torch.float32, {"tie_word_embeddings": True}),
     ],
 )
-def test_hf_to_mcore_to_hf_is_bit_identical(single_rank, tmp_path, arch, dtype, overrides):
+@pytest.mark.usefixtures("single_rank")
+def test_hf_to_mcore_to_hf_is_bit_identical(tmp_path, arch, dtype, overrides):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from megatron_vcap.convert.hf_to_mcore import convert_on_this_rank
@@ -146,7 +128,8 @@ def test_hf_to_mcore_to_hf_is_bit_identical(single_rank, tmp_path, arch, dtype, 
         assert torch.equal(original(input_ids=ids).logits, loaded(input_ids=ids).logits)
 
 
-def test_checkpoint_load_ignores_other_keys_and_returns_common_state(single_rank, tmp_path):
+@pytest.mark.usefixtures("single_rank")
+def test_checkpoint_load_ignores_other_keys_and_returns_common_state(tmp_path):
     from megatron.core.dist_checkpointing import ShardedTensor
 
     from megatron_vcap.convert.checkpoint import (

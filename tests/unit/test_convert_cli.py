@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from megatron_vcap.cli import main as vcap_main
 from megatron_vcap.models.presets import save_tiny_hf_model_dir
-
-
-def _tensors(hf_dir) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(hf_dir.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
+from tests.unit.test_convert import _bitwise_equal, _tensors
 
 
 @pytest.mark.slow
@@ -30,7 +22,7 @@ def test_cli_round_trip_at_tp2(tmp_path):
     assert vcap_main(["convert", "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(back)]) == 0
     before, after = _tensors(src), _tensors(back)
     assert sorted(before) == sorted(after)
-    assert all(torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8)) for k in before)
+    assert all(_bitwise_equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.slow
