@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,22 +72,27 @@ def check_resolution(path: str, width: int, height: int) -> None:
         )
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _stderr_silenced():
     """Drop native writes to fd 2 for a moment: decord logs open failures from C++ regardless
-    of its log level, and the error we raise already says what went wrong."""
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
+    of its log level, and the error we raise already says what went wrong. The lock keeps
+    concurrent callers from saving each other's /dev/null as the "real" stderr."""
+    with _STDERR_LOCK:
+        try:
+            saved = os.dup(2)
+        except OSError:
             yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+            return
+        try:
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), 2)
+                yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class DecordReader:
