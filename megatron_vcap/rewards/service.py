@@ -26,6 +26,7 @@ from concurrent.futures import Future as ConcurrentFuture
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from megatron_vcap.config.loader import ConfigError
 from megatron_vcap.rewards.caption import compute_cnscore, compute_escore
 from megatron_vcap.rewards.config import JudgeConfig, RewardConfig
 from megatron_vcap.rewards.judges import CaptionJob, Judge, Judgment, build_judge
@@ -107,6 +108,22 @@ def summarize_results(results: list[RewardResult]) -> dict[str, float]:
     return out
 
 
+def load_custom_reward(spec: str):
+    """``"package.module:function"`` -> the function (None for an empty spec)."""
+    if not spec:
+        return None
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"reward.custom_fn: cannot load {spec!r} ({exc})") from None
+    if not callable(fn):
+        raise ConfigError(f"reward.custom_fn: {spec!r} is not callable")
+    return fn
+
+
 @dataclass
 class _Scored:
     """Rule-score state of one request between submit and result."""
@@ -117,6 +134,7 @@ class _Scored:
     think: float
     think_details: dict[str, Any]
     job_index: int | None  # position in the judge batch, None if not judged (no caption)
+    custom: float = 0.0  # the configured custom rule reward (0 without one)
 
 
 class RewardHandle:
@@ -185,6 +203,7 @@ class RewardService:
         self._thread.start()
         self._closed = False
         self._counts: Counter = Counter()
+        self.custom_fn = load_custom_reward(reward_cfg.custom_fn)
 
     # ---------------------------------------------------------------- rule scores
     def _rule_scores(
@@ -215,7 +234,8 @@ class RewardService:
                     "action_f1": t.action_f1,
                     **t.counts,
                 }
-            scored.append(_Scored(r, p, compute_format_score(p), think, think_details, j))
+            custom = float(self.custom_fn(r.response, r)) if self.custom_fn else 0.0
+            scored.append(_Scored(r, p, compute_format_score(p), think, think_details, j, custom))
         return scored
 
     # ---------------------------------------------------------------- submit / finish
@@ -284,6 +304,9 @@ class RewardService:
         total = (
             self.cfg.w_format * s.format + self.cfg.w_think * s.think + self.cfg.w_caption * caption
         )
+        if self.custom_fn is not None:
+            details["custom"] = s.custom
+            total += self.cfg.w_custom * s.custom
         return RewardResult(
             sample_id=s.request.sample_id,
             format=s.format,

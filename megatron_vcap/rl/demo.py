@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from megatron_vcap.testing.multiprocess import find_free_port
-
 
 @dataclass
 class DemoSettings:
@@ -110,6 +108,8 @@ def _run(cmd: list[str], log_path: Path) -> float:
 
 
 def _torchrun(nproc: int, args: list[str]) -> list[str]:
+    from megatron_vcap.testing.multiprocess import find_free_port
+
     return [
         sys.executable,
         "-m",
