@@ -131,8 +131,9 @@ def _merge(dicts: list[dict[str, float]]) -> dict[str, float]:
     merged = {}
     for key in keys:
         values = [float(d[key]) for d in dicts if key in d]
-        is_count = (key == "loss" or key.endswith("_count") or "/count" in key
-                    or key.startswith("count/"))
+        is_count = (
+            key == "loss" or key.endswith("_count") or "/count" in key or key.startswith("count/")
+        )
         merged[key] = sum(values) if is_count else sum(values) / len(values)
     return merged
 
