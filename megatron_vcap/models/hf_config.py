@@ -155,18 +155,9 @@ def _get(cfg, name: str, where: str):
     return value
 
 
-def describe_hf_config(hf_config) -> QwenVLSpec:
-    """The ``transformers`` config object -> :class:`QwenVLSpec`, validating supported values."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"config: model_type '{model_type}' is not supported "
-            f"(expected one of {list(SUPPORTED_MODEL_TYPES)})"
-        )
-    text = hf_config.text_config
-    vision = hf_config.vision_config
-    t, v = "text_config.", "vision_config."
-
+def _text_fields(text) -> dict:
+    """The language model's fields of QwenVLSpec, validated."""
+    t = "text_config."
     rope = getattr(text, "rope_parameters", None) or {}
     if "mrope_section" not in rope:
         raise ConfigError(f"config: missing field '{t}rope_parameters.mrope_section'")
@@ -194,45 +185,7 @@ def describe_hf_config(hf_config) -> QwenVLSpec:
         raise ConfigError(f"config: '{t}use_sliding_window' = true is not supported")
     if getattr(text, "hidden_act", "silu") != "silu":
         raise ConfigError(f"config: '{t}hidden_act' {text.hidden_act!r} is not supported (silu)")
-
-    if model_type == "qwen2_vl":
-        v_hidden = int(_get(vision, "embed_dim", v))
-        v_ffn = int(v_hidden * _get(vision, "mlp_ratio", v))
-        expected_act = "quick_gelu"
-        window_size, fullatt, tps = None, (), None
-    else:
-        v_hidden = int(_get(vision, "hidden_size", v))
-        v_ffn = int(_get(vision, "intermediate_size", v))
-        expected_act = "silu"
-        window_size = int(_get(vision, "window_size", v))
-        fullatt = tuple(int(i) for i in _get(vision, "fullatt_block_indexes", v))
-        tps = float(_get(vision, "tokens_per_second", v))
-    if vision.hidden_act != expected_act:
-        raise ConfigError(
-            f"config: '{v}hidden_act' {vision.hidden_act!r} is not supported for {model_type} "
-            f"(expected {expected_act!r})"
-        )
-    out_hidden = int(
-        _get(vision, "hidden_size" if model_type == "qwen2_vl" else "out_hidden_size", v)
-    )
-    if out_hidden != hidden:
-        raise ConfigError(
-            f"config: the vision merger's output size ({out_hidden}) must equal "
-            f"'{t}hidden_size' ({hidden})"
-        )
-    depth = int(_get(vision, "depth", v))
-    if any(i < 0 or i >= depth for i in fullatt):
-        raise ConfigError(f"config: '{v}fullatt_block_indexes' {list(fullatt)} out of range")
-    v_heads = int(_get(vision, "num_heads", v))
-    if v_hidden % v_heads != 0 or (v_hidden // v_heads) % 4 != 0:
-        raise ConfigError(
-            f"config: '{v}num_heads' ({v_heads}) must divide the vision hidden size ({v_hidden}) "
-            "into heads whose size is a multiple of 4 (2D rotary embedding)"
-        )
-    v_rope = getattr(vision, "rope_parameters", None) or {}
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    return QwenVLSpec(
-        arch=model_type,
+    return dict(
         vocab_size=int(_get(text, "vocab_size", t)),
         hidden_size=hidden,
         ffn_hidden_size=int(_get(text, "intermediate_size", t)),
@@ -244,12 +197,51 @@ def describe_hf_config(hf_config) -> QwenVLSpec:
         rope_theta=float(rope.get("rope_theta", 1_000_000.0)),
         mrope_section=mrope_section,
         max_position_embeddings=int(getattr(text, "max_position_embeddings", 32768)),
-        tie_word_embeddings=tied,
+    )
+
+
+def _vision_fields(vision, model_type: str, lm_hidden: int) -> dict:
+    """The vision tower's fields of QwenVLSpec, validated."""
+    v = "vision_config."
+    if model_type == "qwen2_vl":
+        v_hidden = int(_get(vision, "embed_dim", v))
+        v_ffn = int(v_hidden * _get(vision, "mlp_ratio", v))
+        out_hidden = int(_get(vision, "hidden_size", v))
+        act, window_size, fullatt, tps = "quick_gelu", None, (), None
+    else:
+        v_hidden = int(_get(vision, "hidden_size", v))
+        v_ffn = int(_get(vision, "intermediate_size", v))
+        out_hidden = int(_get(vision, "out_hidden_size", v))
+        act = "silu"
+        window_size = int(_get(vision, "window_size", v))
+        fullatt = tuple(int(i) for i in _get(vision, "fullatt_block_indexes", v))
+        tps = float(_get(vision, "tokens_per_second", v))
+    if vision.hidden_act != act:
+        raise ConfigError(
+            f"config: '{v}hidden_act' {vision.hidden_act!r} is not supported for {model_type} "
+            f"(expected {act!r})"
+        )
+    if out_hidden != lm_hidden:
+        raise ConfigError(
+            f"config: the vision merger's output size ({out_hidden}) must equal "
+            f"'text_config.hidden_size' ({lm_hidden})"
+        )
+    depth = int(_get(vision, "depth", v))
+    if any(i < 0 or i >= depth for i in fullatt):
+        raise ConfigError(f"config: '{v}fullatt_block_indexes' {list(fullatt)} out of range")
+    v_heads = int(_get(vision, "num_heads", v))
+    if v_hidden % v_heads != 0 or (v_hidden // v_heads) % 4 != 0:
+        raise ConfigError(
+            f"config: '{v}num_heads' ({v_heads}) must divide the vision hidden size ({v_hidden}) "
+            "into heads whose size is a multiple of 4 (2D rotary embedding)"
+        )
+    v_rope = getattr(vision, "rope_parameters", None) or {}
+    return dict(
         vision_depth=depth,
         vision_hidden_size=v_hidden,
         vision_num_heads=v_heads,
         vision_ffn_hidden_size=v_ffn,
-        vision_act=expected_act,
+        vision_act=act,
         vision_rope_theta=float(v_rope.get("rope_theta", 10000.0)),
         patch_size=int(_get(vision, "patch_size", v)),
         temporal_patch_size=int(_get(vision, "temporal_patch_size", v)),
@@ -258,6 +250,23 @@ def describe_hf_config(hf_config) -> QwenVLSpec:
         window_size=window_size,
         fullatt_block_indexes=fullatt,
         tokens_per_second=tps,
+    )
+
+
+def describe_hf_config(hf_config) -> QwenVLSpec:
+    """The ``transformers`` config object -> :class:`QwenVLSpec`, validating supported values."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"config: model_type '{model_type}' is not supported "
+            f"(expected one of {list(SUPPORTED_MODEL_TYPES)})"
+        )
+    text = _text_fields(hf_config.text_config)
+    return QwenVLSpec(
+        arch=model_type,
+        **text,
+        **_vision_fields(hf_config.vision_config, model_type, text["hidden_size"]),
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         image_token_id=int(_get(hf_config, "image_token_id", "")),
         video_token_id=int(_get(hf_config, "video_token_id", "")),
         vision_start_token_id=int(_get(hf_config, "vision_start_token_id", "")),
