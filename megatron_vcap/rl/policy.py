@@ -125,14 +125,18 @@ class ReferencePolicy:
 
 
 def _merge(dicts: list[dict[str, float]]) -> dict[str, float]:
-    """Counts (``*_count``, ``count/*``) and ``loss`` (each rank holds its contribution to the
-    global-batch loss) are summed over ranks; everything else is averaged."""
+    """Counts (``*_count``, ``count/*``, the loader's consumed / skipped samples) and ``loss``
+    (each rank holds its contribution to the global-batch loss) are summed over ranks;
+    everything else is averaged."""
     keys = sorted({k for d in dicts for k in d})
     merged = {}
     for key in keys:
         values = [float(d[key]) for d in dicts if key in d]
         is_count = (
-            key == "loss" or key.endswith("_count") or "/count" in key or key.startswith("count/")
+            key in ("loss", "data/consumed")
+            or key.endswith("_count")
+            or "/count" in key
+            or key.startswith(("count/", "data/skipped"))
         )
         merged[key] = sum(values) if is_count else sum(values) / len(values)
     return merged

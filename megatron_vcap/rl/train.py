@@ -153,6 +153,7 @@ def train_main(cfg) -> int:
     from megatron_vcap.parallel.runtime import destroy_distributed, init_distributed
     from megatron_vcap.rl.checkpointing import CheckpointManager, find_latest
     from megatron_vcap.rl.metrics_log import MetricsLogger
+    from megatron_vcap.rl.policy import gather_rank_metrics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     owns_process_group = not torch.distributed.is_initialized()
@@ -176,7 +177,7 @@ def train_main(cfg) -> int:
         for step in range(start, cfg.train.steps):
             items = loader.next_batch(n_items)
             metrics = controller.step(items, step)
-            metrics.update({k: float(v) for k, v in loader.metrics().items()})
+            metrics.update(gather_rank_metrics(loader.metrics(), ctx))
             logger.log(step + 1, metrics, prefix=cfg.train.mode)
             done = step + 1 == cfg.train.steps
             interval = cfg.checkpoint.save_interval
