@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from megatron_vcap.config.loader import ConfigError
-from megatron_vcap.models.hf_config import load_hf_config
+from megatron_vcap.models.hf_config import describe_hf_config, load_hf_config
+from megatron_vcap.models.megatron_config import check_parallel_layout
 from megatron_vcap.parallel.launch_env import read_launch_env
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -58,7 +59,8 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp
     hf_dir, out_dir = str(Path(hf_dir).resolve()), str(Path(out_dir).resolve())
     if tp < 1 or pp < 1:
         raise ConfigError(f"--tp / --pp: must be >= 1, got {tp} / {pp}")
-    load_hf_config(hf_dir)  # fail fast, before any process starts, on a bad config
+    # Fail fast, before any process starts, on a bad config or a layout it cannot take.
+    check_parallel_layout(describe_hf_config(load_hf_config(hf_dir)), tp, pp)
     if read_launch_env().world_size > 1:  # torchrun / srun started the ranks
         convert_on_this_rank(hf_dir, out_dir, tp, pp)
     else:

@@ -74,10 +74,23 @@ def _fp8_kwargs(model_cfg: ModelConfig) -> dict:
     )
 
 
-def _check_divisible(value: int, tp: int, field: str) -> None:
-    if value % tp != 0:
+def check_parallel_layout(spec: QwenVLSpec, tp: int, pp: int) -> None:
+    """Raise ConfigError, naming the config field, when the model does not split over TP x PP."""
+    for value, field in (
+        (spec.num_kv_heads, "text_config.num_key_value_heads"),
+        (spec.vocab_size, "text_config.vocab_size"),
+        (spec.ffn_hidden_size, "text_config.intermediate_size"),
+        (spec.vision_num_heads, "vision_config.num_heads"),
+        (spec.vision_ffn_hidden_size, "vision_config.intermediate_size / mlp_ratio"),
+    ):
+        if value % tp != 0:
+            raise ConfigError(
+                f"config: '{field}' ({value}) is not divisible by the tensor-parallel size {tp}"
+            )
+    if spec.num_layers % pp != 0:
         raise ConfigError(
-            f"config: '{field}' ({value}) is not divisible by the tensor-parallel size {tp}"
+            f"config: 'text_config.num_hidden_layers' ({spec.num_layers}) is not divisible by "
+            f"the pipeline-parallel size {pp}"
         )
 
 
@@ -94,19 +107,7 @@ def build_megatron_configs(
     model_cfg.validate()
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    for value, field in (
-        (spec.num_kv_heads, "text_config.num_key_value_heads"),
-        (spec.vocab_size, "text_config.vocab_size"),
-        (spec.ffn_hidden_size, "text_config.intermediate_size"),
-        (spec.vision_num_heads, "vision_config.num_heads"),
-        (spec.vision_ffn_hidden_size, "vision_config.intermediate_size / mlp_ratio"),
-    ):
-        _check_divisible(value, tp, field)
-    if spec.num_layers % pp != 0:
-        raise ConfigError(
-            f"config: 'text_config.num_hidden_layers' ({spec.num_layers}) is not divisible by "
-            f"the pipeline-parallel size {pp}"
-        )
+    check_parallel_layout(spec, tp, pp)
     common = _common_kwargs(model_cfg, tp=tp, init_weights=init_weights)
     language = TransformerConfig(
         **common,

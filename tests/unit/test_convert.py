@@ -225,6 +225,17 @@ def test_cli_errors_for_missing_inputs(tmp_path, capsys):
     assert "--max-shard-size" in capsys.readouterr().err
 
 
+def test_cli_rejects_a_layout_the_model_cannot_split(tmp_path, capsys):
+    src = save_tiny_hf_model_dir(tmp_path / "hf", "qwen2_5_vl")
+    out = str(tmp_path / "o")
+    assert vcap_main(["convert", "hf-to-mcore", "--hf", str(src), "--out", out, "--tp", "3"]) == 2
+    assert "num_key_value_heads' (2) is not divisible by the tensor-parallel size 3" in (
+        capsys.readouterr().err
+    )
+    assert vcap_main(["convert", "hf-to-mcore", "--hf", str(src), "--out", out, "--pp", "3"]) == 2
+    assert "num_hidden_layers' (2) is not divisible" in capsys.readouterr().err
+
+
 def test_parse_size():
     from megatron_vcap.convert.cli import parse_size
 
