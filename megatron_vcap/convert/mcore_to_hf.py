@@ -33,11 +33,11 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def _group_of(rule: mapping.Rule) -> str:
-    """Rules read together: one LM layer, one vision block, or everything else."""
+    """Rules read together: one LM layer, one vision block, or a tensor on its own."""
     match = _LM_LAYER.match(rule.mcore) or _VISION_BLOCK.match(rule.mcore)
     if match:
         return f"{'lm' if rule.mcore.startswith('language') else 'vision'}.{match.group(1)}"
-    return "misc"
+    return rule.mcore
 
 
 class _ChunkLoadPlanner(DefaultLoadPlanner):
@@ -139,7 +139,7 @@ def convert_mcore_to_hf(
     if progress:
         from tqdm import tqdm
 
-        items = tqdm(items, desc="mcore -> HF", unit="layer")
+        items = tqdm(items, desc="mcore -> HF", unit="part")
     for _, group in items:
         loaded = _read_group(ckpt_dir, group, metadata, spec.num_layers)
         for rule in group:
