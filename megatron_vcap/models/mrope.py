@@ -71,7 +71,7 @@ def compute_mrope_position_ids(
     }
     # Float32 like the processor's tensor: the temporal coordinate truncates a float product.
     seconds = iter(
-        torch.as_tensor(second_per_grid_ts, dtype=torch.float32)
+        torch.as_tensor(second_per_grid_ts, dtype=torch.float32).cpu()
         if second_per_grid_ts is not None
         else []
     )
