@@ -84,7 +84,7 @@ def build_components(cfg, ctx) -> Components:
             init_weights=False,
             sequence_parallel=cfg.parallel.sequence_parallel,
         )
-        ref_model.load_state_dict(model.state_dict(), strict=False)
+        ref_model.load_state_dict(model.state_dict())
         reference = ReferencePolicy(ref_model, offload=cfg.grpo.reference_on_cpu)
     bundle = build_optimizer(model, cfg.train, cfg.parallel, bf16=cfg.model.params_dtype == "bf16")
     return Components(
