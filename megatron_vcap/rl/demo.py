@@ -27,7 +27,7 @@ class DemoSettings:
     num_eval: int = 24
     sft_steps: int = 150
     grpo_steps: int = 30
-    sft_lr: float = 3e-3
+    sft_lr: float = 2e-3
     # Adam's first steps move every weight by ~lr; for a policy-gradient update of a 1M-parameter
     # model, 3e-5 keeps the per-step change of sequence log-probs at a few nats.
     grpo_lr: float = 3e-5
@@ -200,10 +200,10 @@ def run_demo(out: Path, s: DemoSettings) -> dict:
                 "train.mode=sft",
                 f"train.steps={s.sft_steps}",
                 f"train.run_dir={sft_dir}",
-                "train.lr=2e-3",
+                f"train.lr={s.sft_lr}",
                 "train.warmup_steps=5",
                 "train.lr_schedule=cosine",
-                "train.min_lr=2e-4",
+                f"train.min_lr={s.sft_lr / 10}",
             ],
         ),
         logs / "sft.log",
@@ -224,6 +224,7 @@ def run_demo(out: Path, s: DemoSettings) -> dict:
                 f"train.steps={s.grpo_steps}",
                 f"train.run_dir={grpo_dir}",
                 f"checkpoint.pretrained={sft_ckpt}",
+                f"train.lr={s.grpo_lr}",
             ],
         ),
         logs / "grpo.log",
