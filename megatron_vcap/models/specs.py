@@ -142,6 +142,64 @@ class PackedSDPAttention(MegatronModule):
         )
 
 
+class CausalSDPAttention(MegatronModule):
+    """Causal decoder core attention through ``scaled_dot_product_attention``, for local layers.
+
+    Same contract as Megatron's local ``DotProductAttention``: query [sq, b, heads, d],
+    key/value [sk, b, groups, d] (grouped-query attention without copying K/V); a given
+    ``attention_mask`` (bool, True = masked, causality included) is used as is, otherwise the
+    mask is causal and aligned to the last key, so a KV-cached decode step attends to the whole
+    cache. Returns [sq, b, heads * d]. On CPU this is several times faster per decode step than
+    the unfused softmax path, which dominates rollout time there.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ConfigError("context parallelism needs Transformer Engine attention")
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        assert packed_seq_params is None and attention_bias is None, "unpacked, no bias"
+        sq, sk = query.size(0), key.size(0)
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
+        mask = None
+        if attention_mask is not None:
+            mask = ~attention_mask.bool()
+        elif sq > 1:
+            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=True,
+        )
+        return out.permute(2, 0, 1, 3).reshape(sq, q.size(0), -1)
+
+
 def build_layer_spec(
     use_te: bool, *, rms_norm: bool, vision: bool, fp32: bool = False
 ) -> ModuleSpec:
@@ -167,7 +225,7 @@ def build_layer_spec(
         core_attention = backend.core_attention() if use_te and not fp32 else PackedSDPAttention
         mask_type = AttnMaskType.no_mask
     else:
-        core_attention = backend.core_attention()
+        core_attention = backend.core_attention() if use_te else CausalSDPAttention
         mask_type = AttnMaskType.causal
     return ModuleSpec(
         module=TransformerLayer,

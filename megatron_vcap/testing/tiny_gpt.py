@@ -3,19 +3,16 @@
 Same language-model layout as Qwen2-VL / Qwen2.5-VL (RMSNorm, SwiGLU MLP, grouped-query
 attention with QKV bias, 3-axis multimodal rotary embedding, untied output layer), with Megatron's
 local layer spec so it runs on CPU. ``core_attention="sdpa"`` swaps Megatron's local
-``DotProductAttention`` for :class:`SDPACoreAttention` (same math through
+``DotProductAttention`` for the model's ``CausalSDPAttention`` (same math through
 ``scaled_dot_product_attention``), to measure what a fused attention buys decoding. Needs the model-parallel groups initialised
 (``megatron_vcap.parallel.runtime.init_distributed``); at TP > 1 each rank builds its shard.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from megatron.core.transformer.module import MegatronModule
 
 
 @dataclass
@@ -33,39 +30,6 @@ class TinyGPTConfig:
     norm_epsilon: float = 1e-6
     dtype: torch.dtype = torch.float32
     core_attention: str = "local"  # "local" (Megatron DotProductAttention) or "sdpa"
-
-
-class SDPACoreAttention(MegatronModule):
-    """Causal core attention through ``F.scaled_dot_product_attention`` (GQA without copies).
-
-    Same contract as Megatron's local ``DotProductAttention``: query [sq, b, heads, d],
-    key/value [sk, b, groups, d]; a given ``attention_mask`` (bool, True = masked out) is used
-    as is, else the mask is causal, aligned to the last key (a KV-cached step attends to all).
-    Returns [sq, b, heads * d].
-    """
-
-    def __init__(self, config, layer_number, attn_mask_type, attention_type,
-                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
-                 pg_collection=None):  # fmt: skip
-        super().__init__(config=config)
-        self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):  # fmt: skip
-        assert packed_seq_params is None and attention_bias is None
-        sq, sk = query.size(0), key.size(0)
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
-        mask = None
-        if attention_mask is not None:
-            mask = ~attention_mask
-        elif sq > 1:
-            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # fmt: skip
-        return out.permute(2, 0, 1, 3).reshape(sq, q.size(0), -1)
 
 
 def build_tiny_mrope_gpt(cfg: TinyGPTConfig | None = None, tensor_parallel_size: int = 1):
@@ -103,7 +67,9 @@ def build_tiny_mrope_gpt(cfg: TinyGPTConfig | None = None, tensor_parallel_size:
     )
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     if cfg.core_attention == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        from megatron_vcap.models.specs import CausalSDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = CausalSDPAttention
     elif cfg.core_attention != "local":
         raise ValueError(f"core_attention: expected 'local' or 'sdpa', got {cfg.core_attention!r}")
     model = GPTModel(

@@ -208,7 +208,7 @@ def test_sdpa_core_attention_decodes_like_the_local_one(model, prompts, oracle):
     torch.manual_seed(3)  # the fixture's seed: identical weights, only the attention core differs
     sdpa = build_tiny_mrope_gpt(TinyGPTConfig(vocab_size=VOCAB, core_attention="sdpa"))
     assert (
-        type(sdpa.decoder.layers[0].self_attention.core_attention).__name__ == "SDPACoreAttention"
+        type(sdpa.decoder.layers[0].self_attention.core_attention).__name__ == "CausalSDPAttention"
     )
     for (name, a), b in zip(model.state_dict().items(), sdpa.state_dict().values()):
         assert a is None or torch.equal(a, b), name
