@@ -19,7 +19,6 @@ from megatron_vcap.models.presets import (
     save_tiny_hf_model_dir,
     tiny_hf_config,
 )
-from tests.unit.test_model_parity import single_rank  # noqa: F401  (a fixture)
 
 
 def _tensors(hf_dir) -> dict[str, torch.Tensor]:

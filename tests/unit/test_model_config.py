@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from megatron_vcap.models.hf_config import describe_hf_config, load_hf_config
-from tests.unit.test_model_parity import single_rank  # noqa: F401  (a fixture)
 
 _COMMON = dict(
     attention_dropout=0.0,

@@ -8,8 +8,6 @@ and mixed batches, with left or right padding. Logits are compared at real token
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -20,30 +18,11 @@ from megatron_vcap.models.presets import (
     synthetic_frames,
     tiny_hf_config,
 )
-from megatron_vcap.testing.multiprocess import find_free_port
 
 TOL = 1e-4
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 VID = "<|vision_start|><|video_pad|><|vision_end|>"
 ARCHS = ["qwen2_vl", "qwen2_5_vl"]
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    from megatron_vcap.parallel.config import ParallelConfig
-    from megatron_vcap.parallel.runtime import destroy_distributed, init_distributed
-
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(find_free_port())
-    yield init_distributed(ParallelConfig(), seed=3)
-    destroy_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 class Pair:

@@ -5,35 +5,7 @@ The oracle is the same model given the video's patches once per row (each row en
 
 from __future__ import annotations
 
-import os
-
-import pytest
 import torch
-
-from megatron_vcap.testing.multiprocess import find_free_port
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    from megatron_vcap.parallel.config import ParallelConfig
-    from megatron_vcap.parallel.runtime import destroy_distributed, init_distributed
-
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(find_free_port()),
-    )
-    yield init_distributed(ParallelConfig(), seed=5)
-    destroy_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _rows(hf_config, grids: list[tuple[int, int, int]], uses: list[int], text_len: int = 5):

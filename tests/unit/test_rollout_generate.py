@@ -8,8 +8,6 @@ mRoPE positions and a nonzero rope delta, as Qwen-VL prompts do.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -17,7 +15,6 @@ from megatron_vcap.config.loader import ConfigError
 from megatron_vcap.rollout.generate import check_generation_parallelism, generate
 from megatron_vcap.rollout.sampling import SamplingParams
 from megatron_vcap.rollout.types import PromptSpec
-from megatron_vcap.testing.multiprocess import find_free_port
 from megatron_vcap.testing.tiny_gpt import TinyGPTConfig, build_tiny_mrope_gpt
 
 VOCAB = 96
@@ -57,23 +54,9 @@ def recompute_decode(model, prompt, max_new, eos=()):
 
 
 @pytest.fixture(scope="module")
-def model():
-    from megatron_vcap.parallel.config import ParallelConfig
-    from megatron_vcap.parallel.runtime import destroy_distributed, init_distributed
-
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(find_free_port())
-    init_distributed(ParallelConfig(), seed=3)
+def model(single_rank):
     torch.manual_seed(3)
-    yield build_tiny_mrope_gpt(TinyGPTConfig(vocab_size=VOCAB))
-    destroy_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    return build_tiny_mrope_gpt(TinyGPTConfig(vocab_size=VOCAB))
 
 
 @pytest.fixture(scope="module")
