@@ -25,7 +25,10 @@ class DataConfig:
     decode_threads: int = 0
     num_workers: int = 2
     prefetch: int = 2  # items each worker decodes ahead of the consumer
-    worker_start_method: Literal["fork", "spawn", "forkserver"] = "fork"
+    # Workers start at the first batch, inside a trainer that already runs gloo/NCCL, OpenMP and
+    # judge threads; a plain fork there can copy a held lock into the child and hang it (seen in
+    # the CPU demo). forkserver forks workers from a clean single-threaded server instead.
+    worker_start_method: Literal["fork", "spawn", "forkserver"] = "forkserver"
     shuffle: bool = True
     seed: int = 1234
     # What the loader does with a sample that fails to load: skip and count it, or stop.
