@@ -24,7 +24,7 @@ from pathlib import Path
 @dataclass
 class DemoSettings:
     num_train: int = 160
-    num_eval: int = 24
+    num_eval: int = 48
     sft_steps: int = 150
     grpo_steps: int = 30
     sft_lr: float = 2e-3
