@@ -74,15 +74,9 @@ def _backend(use_te: bool):
     return LocalSpecProvider()
 
 
-class PackedSDPAttention(MegatronModule):
-    """Bidirectional core attention over packed segments, for the vision tower on local layers.
-
-    Takes what Megatron's ``Attention`` hands a core-attention module. With THD packing
-    (``packed_seq_params.qkv_format == "thd"``) query/key/value are [t, heads, head_dim] and
-    attention stays inside each ``cu_seqlens_q`` segment; without packing they are
-    [s, b, heads, head_dim] and each sequence is one segment. Returns [t, heads * head_dim]
-    (or [s, b, heads * head_dim]).
-    """
+class _SDPACoreAttention(MegatronModule):
+    """What Megatron's ``Attention`` constructs a core-attention module with, for the
+    ``scaled_dot_product_attention`` cores below (local layers only: no context parallelism)."""
 
     def __init__(
         self,
@@ -100,6 +94,17 @@ class PackedSDPAttention(MegatronModule):
             raise ConfigError("context parallelism needs Transformer Engine attention")
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+
+class PackedSDPAttention(_SDPACoreAttention):
+    """Bidirectional core attention over packed segments, for the vision tower on local layers.
+
+    Takes what Megatron's ``Attention`` hands a core-attention module. With THD packing
+    (``packed_seq_params.qkv_format == "thd"``) query/key/value are [t, heads, head_dim] and
+    attention stays inside each ``cu_seqlens_q`` segment; without packing they are
+    [s, b, heads, head_dim] and each sequence is one segment. Returns [t, heads * head_dim]
+    (or [s, b, heads * head_dim]).
+    """
 
     def forward(
         self,
@@ -142,7 +147,7 @@ class PackedSDPAttention(MegatronModule):
         )
 
 
-class CausalSDPAttention(MegatronModule):
+class CausalSDPAttention(_SDPACoreAttention):
     """Causal decoder core attention through ``scaled_dot_product_attention``, for local layers.
 
     Same contract as Megatron's local ``DotProductAttention``: query [sq, b, heads, d],
@@ -152,23 +157,6 @@ class CausalSDPAttention(MegatronModule):
     cache. Returns [sq, b, heads * d]. On CPU this is several times faster per decode step than
     the unfused softmax path, which dominates rollout time there.
     """
-
-    def __init__(
-        self,
-        config: TransformerConfig,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str,
-        attention_dropout: float | None = None,
-        softmax_scale: float | None = None,
-        cp_comm_type: str | None = None,
-        pg_collection=None,
-    ):
-        super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ConfigError("context parallelism needs Transformer Engine attention")
-        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(
         self,

@@ -163,110 +163,62 @@ def format_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
+def _train(s: DemoSettings, common: list[str], run_dir: Path, log: Path, *overrides) -> float:
+    """One ``vcap train`` stage under torchrun on ``s.nproc`` gloo ranks; returns seconds."""
+    args = ["train", "--config", str(recipe_path()), *common, f"train.run_dir={run_dir}"]
+    return _run(_torchrun(s.nproc, [*args, *overrides]), log)
+
+
+def _evaluate(s: DemoSettings, ckpt: Path, manifest: Path, out_json: Path, log: Path) -> float:
+    """``vcap eval reward`` of one checkpoint on the held-out manifest; returns seconds."""
+    args = ["eval", "reward", "--config", str(recipe_path()), "--ckpt", str(ckpt),
+            "--manifest", str(manifest), "--out", str(out_json)]  # fmt: skip
+    return _run(_torchrun(s.nproc, args), log)
+
+
 def run_demo(out: Path, s: DemoSettings) -> dict:
     from megatron_vcap.data.synth import make_synthetic_dataset
 
     t_start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
-    logs.mkdir(exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     print(f"[demo] synthetic data: {s.num_train} train + {s.num_eval} held-out videos", flush=True)
-    data = make_synthetic_dataset(
-        out / "data",
-        s.num_train + s.num_eval,
-        seed=s.seed,
-        eval_fraction=s.num_eval / (s.num_train + s.num_eval),
-    )
+    total = s.num_train + s.num_eval
+    data = make_synthetic_dataset(out / "data", total, seed=s.seed,
+                                  eval_fraction=s.num_eval / total)  # fmt: skip
     model_dir = build_model_dir(out, data.tokenizer_dir, s)
-    recipe = str(recipe_path())
-    common = [
-        f"model.hf_path={model_dir}",
-        f"data.train_manifest={data.train_manifest}",
-        f"data.eval_manifest={data.eval_manifest}",
-        "checkpoint.load=auto",
-    ]
+    common = [f"model.hf_path={model_dir}", f"data.train_manifest={data.train_manifest}",
+              f"data.eval_manifest={data.eval_manifest}", "checkpoint.load=auto"]  # fmt: skip
     timings = {}
 
-    sft_dir = out / "sft"
     print(f"[demo] SFT warm start: {s.sft_steps} steps on {s.nproc} ranks", flush=True)
-    timings["sft"] = _run(
-        _torchrun(
-            s.nproc,
-            [
-                "train",
-                "--config",
-                recipe,
-                *common,
-                "train.mode=sft",
-                f"train.steps={s.sft_steps}",
-                f"train.run_dir={sft_dir}",
-                f"train.lr={s.sft_lr}",
-                "train.warmup_steps=5",
-                "train.lr_schedule=cosine",
-                f"train.min_lr={s.sft_lr / 10}",
-            ],
-        ),
-        logs / "sft.log",
-    )
-    sft_ckpt = _final_checkpoint(sft_dir)
-
-    grpo_dir = out / "grpo"
+    timings["sft"] = _train(
+        s, common, out / "sft", logs / "sft.log", "train.mode=sft",
+        f"train.steps={s.sft_steps}", f"train.lr={s.sft_lr}", "train.warmup_steps=5",
+        "train.lr_schedule=cosine", f"train.min_lr={s.sft_lr / 10}",
+    )  # fmt: skip
+    sft_ckpt = _final_checkpoint(out / "sft")
     print(f"[demo] GRPO: {s.grpo_steps} steps on {s.nproc} ranks", flush=True)
-    timings["grpo"] = _run(
-        _torchrun(
-            s.nproc,
-            [
-                "train",
-                "--config",
-                recipe,
-                *common,
-                "train.mode=grpo",
-                f"train.steps={s.grpo_steps}",
-                f"train.run_dir={grpo_dir}",
-                f"checkpoint.pretrained={sft_ckpt}",
-                f"train.lr={s.grpo_lr}",
-            ],
-        ),
-        logs / "grpo.log",
-    )
-    grpo_ckpt = _final_checkpoint(grpo_dir)
+    timings["grpo"] = _train(
+        s, common, out / "grpo", logs / "grpo.log", "train.mode=grpo",
+        f"train.steps={s.grpo_steps}", f"train.lr={s.grpo_lr}", f"checkpoint.pretrained={sft_ckpt}",
+    )  # fmt: skip
+    checkpoints = {"sft": sft_ckpt, "grpo": _final_checkpoint(out / "grpo")}
 
     results = {}
-    for name, ckpt in (("sft", sft_ckpt), ("grpo", grpo_ckpt)):
+    for name, ckpt in checkpoints.items():
         print(f"[demo] evaluating the {name.upper()} checkpoint on held-out videos", flush=True)
         path = out / f"eval_{name}.json"
-        timings[f"eval_{name}"] = _run(
-            _torchrun(
-                s.nproc,
-                [
-                    "eval",
-                    "reward",
-                    "--config",
-                    recipe,
-                    "--ckpt",
-                    str(ckpt),
-                    "--manifest",
-                    str(data.eval_manifest),
-                    "--out",
-                    str(path),
-                    *common[:1],
-                ],
-            ),
-            logs / f"eval_{name}.log",
-        )
+        timings[f"eval_{name}"] = _evaluate(s, ckpt, data.eval_manifest, path,
+                                            logs / f"eval_{name}.log")  # fmt: skip
         results[name] = json.loads(path.read_text())["summary"]
 
-    reward_curve_png(grpo_dir / "metrics.jsonl", out / "reward_curve.png")
-    table = format_table(results["sft"], results["grpo"])
+    reward_curve_png(out / "grpo" / "metrics.jsonl", out / "reward_curve.png")
     timings["total"] = time.perf_counter() - t_start
-    summary = {
-        "sft": results["sft"],
-        "grpo": results["grpo"],
-        "seconds": timings,
-        "gain_total": results["grpo"]["total"] - results["sft"]["total"],
-    }
+    summary = {"sft": results["sft"], "grpo": results["grpo"], "seconds": timings,
+               "gain_total": results["grpo"]["total"] - results["sft"]["total"]}  # fmt: skip
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    print("\n" + table)
+    print("\n" + format_table(results["sft"], results["grpo"]))
     print(f"\nreward curve: {out / 'reward_curve.png'}; summary: {out / 'demo_summary.json'}")
     print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), flush=True)
     return summary
