@@ -50,6 +50,8 @@ class RolloutBatch:
 
 
 class GRPOController:
+    """One GRPO step per call (see the module docstring); the phases are public for tests."""
+
     def __init__(
         self, cfg, ctx, bundle, reference, tokenizer, prompt_builder: PromptBuilder, reward_service
     ):
@@ -73,17 +75,23 @@ class GRPOController:
         sampling = self.prompts.sampling_params(self.cfg.rollout)
         model = self.bundle.model
         model.eval()
+        outputs = []
+        chunk = self.cfg.rollout.prompts_per_batch  # bounds the KV cache: chunk x G rows
         with torch.no_grad():
-            outputs = generate(
-                model,
-                specs,
-                sampling=sampling,
-                group_size=self.cfg.grpo.group_size,
-                decode_fn=self.prompts.decode,
-                seed=self._rollout_seed + 7919 * step,
-                share_prefix=self.cfg.rollout.share_prefix,
-                tp_group=self.ctx.tp_group,
-            )
+            for start in range(0, len(specs), chunk):
+                part = generate(
+                    model,
+                    specs[start : start + chunk],
+                    sampling=sampling,
+                    group_size=self.cfg.grpo.group_size,
+                    decode_fn=self.prompts.decode,
+                    seed=self._rollout_seed + 7919 * step + start,
+                    share_prefix=self.cfg.rollout.share_prefix,
+                    tp_group=self.ctx.tp_group,
+                )
+                for out in part:
+                    out.prompt_index += start
+                outputs.extend(part)
         model.train()
         texts = decode_responses(self.tokenizer, outputs)
         return RolloutBatch(items, specs, outputs, texts)

@@ -15,7 +15,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 disables top-k
     max_new_tokens: int = 1024
     stop_strings: list[str] = field(default_factory=lambda: ["</answer>"])
-    # Prompts generated together (each expands to group_size samples).
+    # Prompts generated together (each expands to group_size samples): bounds the KV cache.
     prompts_per_batch: int = 4
     share_prefix: bool = True
     # KV-cache row layout for prompts of different lengths (see rollout/generate.py): "auto"
@@ -30,5 +30,7 @@ class RolloutConfig:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k: must be >= 0, got {self.top_k}")
+        if self.prompts_per_batch < 1:
+            raise ConfigError(f"prompts_per_batch: must be >= 1, got {self.prompts_per_batch}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")

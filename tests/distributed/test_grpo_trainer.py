@@ -86,7 +86,9 @@ def _tp_update(ws: dict, tp: int, rollouts_holder: dict) -> Path:
         # Adam's update lr * g / (|g| + eps) flips with float noise where |g| ~ eps; a larger
         # eps keeps the comparison about the gradients, not about rounding near zero.
         _overrides(ws, run_dir, 1)
-        + [f"parallel.tensor_model_parallel_size={tp}", "train.adam_eps=1e-4"],
+        + [f"parallel.tensor_model_parallel_size={tp}", "train.adam_eps=1e-4"]
+        # One prompt per generate call: the two prompts' outputs are merged back in order.
+        + ["rollout.prompts_per_batch=1"],
         world_size=2,
     )
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)
