@@ -35,7 +35,12 @@ from megatron_vcap.rl.engine import (
 from megatron_vcap.rl.losses import compute_loss_normaliser
 from megatron_vcap.rl.metrics_log import PhaseTimer
 from megatron_vcap.rl.optim import optimizer_step, zero_grads
-from megatron_vcap.rl.policy import PromptBuilder, decode_responses, gather_rank_metrics
+from megatron_vcap.rl.policy import (
+    PromptBuilder,
+    decode_responses,
+    gather_rank_metrics,
+    sequence_multiple,
+)
 from megatron_vcap.rl.records import Rollout, build_train_batch
 
 
@@ -116,7 +121,11 @@ class GRPOController:
         ]
         adv_B = torch.zeros(len(records))
         return build_train_batch(
-            records, rollouts.prompts, adv_B, pad_token_id=self.prompts.pad_token_id
+            records,
+            rollouts.prompts,
+            adv_B,
+            pad_token_id=self.prompts.pad_token_id,
+            pad_to_multiple_of=sequence_multiple(self.cfg.model),
         )
 
     def old_logprobs(self, micro_batches) -> None:
@@ -206,7 +215,9 @@ class GRPOController:
         advantages and one policy update on ``rollouts``; returns (metrics, reward results)."""
         grpo = self.cfg.grpo
         batch = self.build_batch(rollouts)
-        micro_batches = batch.micro_batches(self.cfg.train.micro_batch_size)
+        micro_batches = batch.micro_batches(
+            self.cfg.train.micro_batch_size, multiple=sequence_multiple(self.cfg.model)
+        )
         if grpo.updates_per_batch > 1:
             # With one update per batch the ratio is exactly 1 and this pass is skipped.
             with timer.phase("old_logp"):

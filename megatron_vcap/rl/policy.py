@@ -93,6 +93,12 @@ class PromptBuilder:
         return requests
 
 
+def sequence_multiple(model_cfg) -> int:
+    """Row length multiple for training batches: Transformer Engine's FP8 GEMMs need the token
+    count (rows x length) divisible by 16, so FP8 runs pad every row to a multiple of 16."""
+    return 16 if model_cfg.fp8 is not None else 1
+
+
 def decode_responses(tokenizer, outputs) -> list[str]:
     """Response texts without chat special tokens (what the reward parser reads)."""
     return [tokenizer.decode(o.response_ids_R.tolist(), skip_special_tokens=True) for o in outputs]

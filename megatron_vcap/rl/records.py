@@ -82,12 +82,16 @@ class TrainBatch:
         """The vision inputs of each row's prompt (shared objects, not copies)."""
         return [self.vision[i] for i in self.prompt_index_B.tolist()]
 
-    def slice(self, start: int, end: int, trim: bool = True) -> TrainBatch:
-        """Rows [start, end), with only the prompts they use; ``trim`` drops all-pad columns."""
+    def slice(self, start: int, end: int, trim: bool = True, multiple: int = 1) -> TrainBatch:
+        """Rows [start, end), with only the prompts they use; ``trim`` drops all-pad columns
+        (keeping the width a multiple of ``multiple``, e.g. 16 for FP8 GEMMs)."""
         rows = slice(start, end)
         used = sorted(set(self.prompt_index_B[rows].tolist()))
         remap = {old: new for new, old in enumerate(used)}
-        width = int(self.seq_len_B[rows].max()) if trim and end > start else self.tokens_BT.size(1)
+        width = self.tokens_BT.size(1)
+        if trim and end > start:
+            longest = int(self.seq_len_B[rows].max())
+            width = min(width, -(-longest // multiple) * multiple)
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -105,10 +109,11 @@ class TrainBatch:
                 out[f.name] = value[rows]
         return TrainBatch(**out)
 
-    def micro_batches(self, size: int) -> list[TrainBatch]:
+    def micro_batches(self, size: int, multiple: int = 1) -> list[TrainBatch]:
         if size < 1:
             raise ValueError(f"micro batch size: must be >= 1, got {size}")
-        return [self.slice(i, min(i + size, self.num_samples)) for i in range(0, self.num_samples, size)]  # fmt: skip
+        return [self.slice(i, min(i + size, self.num_samples), multiple=multiple)
+                for i in range(0, self.num_samples, size)]  # fmt: skip
 
     def to(self, device) -> TrainBatch:
         moved = {

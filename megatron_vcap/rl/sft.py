@@ -16,15 +16,17 @@ from megatron_vcap.rl.engine import reduce_microbatch_metrics, run_microbatches,
 from megatron_vcap.rl.losses import compute_loss_normaliser
 from megatron_vcap.rl.metrics_log import PhaseTimer
 from megatron_vcap.rl.optim import optimizer_step, zero_grads
-from megatron_vcap.rl.policy import gather_rank_metrics
+from megatron_vcap.rl.policy import gather_rank_metrics, sequence_multiple
 from megatron_vcap.rl.records import TrainBatch
 
 
-def build_sft_batch(examples, pad_token_id: int) -> TrainBatch:
+def build_sft_batch(examples, pad_token_id: int, pad_to_multiple_of: int = 1) -> TrainBatch:
     """``examples``: (input_ids_L, labels_L, position_ids_3L, vision) per row -> a TrainBatch
-    whose loss mask is 1 on the target tokens (labels != -100), right-padded."""
+    whose loss mask is 1 on the target tokens (labels != -100), right-padded to a multiple of
+    ``pad_to_multiple_of``."""
     lengths = [ids.numel() for ids, _, _, _ in examples]
     B, width = len(examples), max(lengths)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     tokens_BT = torch.full((B, width), pad_token_id, dtype=torch.long)
     position_ids_3BT = torch.zeros(3, B, width, dtype=torch.long)
     loss_mask_BT = torch.zeros(B, width, dtype=torch.float32)
@@ -69,14 +71,18 @@ class SFTController:
                 "video_grid_thw": video.video_grid_thw,
             }
             examples.append((input_ids_L, labels_L, positions[:, 0], vision))
-        return build_sft_batch(examples, self.prompts.pad_token_id)
+        return build_sft_batch(
+            examples, self.prompts.pad_token_id, sequence_multiple(self.cfg.model)
+        )
 
     def step(self, items, step: int) -> dict[str, float]:
         timer = PhaseTimer()
         with timer.phase("update"):
             t0 = time.perf_counter()
             batch = self.build_batch(items)
-            micro_batches = batch.micro_batches(self.cfg.train.micro_batch_size)
+            micro_batches = batch.micro_batches(
+                self.cfg.train.micro_batch_size, multiple=sequence_multiple(self.cfg.model)
+            )
             normaliser = compute_loss_normaliser(
                 [mb.loss_mask_BT for mb in micro_batches],
                 aggregation="token_mean",
