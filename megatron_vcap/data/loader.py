@@ -31,7 +31,7 @@ from megatron_vcap.data.config import DataConfig
 from megatron_vcap.data.manifest import Sample
 from megatron_vcap.data.prompts import PromptInputs, append_target, build_prompt
 from megatron_vcap.data.video_io import VideoDataError
-from megatron_vcap.data.vision import VideoInputs, process_video
+from megatron_vcap.data.vision import VideoInputs, process_sample_video
 from megatron_vcap.structure import render_response
 
 log = logging.getLogger(__name__)
@@ -124,19 +124,7 @@ class _ItemDataset(Dataset):
 
     def _process(self, sample: Sample, epoch: int, position: int) -> LoaderItem:
         cfg = self.cfg
-        video = process_video(
-            sample.video,
-            fps=cfg.fps,
-            min_frames=cfg.min_frames,
-            max_frames=cfg.max_frames,
-            min_pixels=cfg.min_pixels,
-            max_pixels=cfg.max_pixels,
-            total_pixels=cfg.total_pixels,
-            start=sample.start,
-            end=sample.end,
-            backend=cfg.video_backend,
-            num_threads=cfg.decode_threads,
-        )
+        video = process_sample_video(sample, cfg)
         prompt = build_prompt(self.tokenizer, video)
         item = LoaderItem(sample, video, prompt, epoch=epoch, position=position)
         if self.mode == "sft":

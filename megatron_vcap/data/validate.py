@@ -53,25 +53,14 @@ def check_sample_video(
 ) -> str | None:
     """None when the sample's video is usable, else a one-line reason."""
     from megatron_vcap.data.video_io import VideoDataError
-    from megatron_vcap.data.vision import process_video
+    from megatron_vcap.data.vision import process_sample_video
 
     if not os.path.isfile(sample.video):
         return f"video file not found: {sample.video}"
     if not decode:
         return None
     try:
-        video = process_video(
-            sample.video,
-            fps=cfg.fps,
-            min_frames=cfg.min_frames,
-            max_frames=cfg.max_frames,
-            min_pixels=cfg.min_pixels,
-            max_pixels=cfg.max_pixels,
-            total_pixels=cfg.total_pixels,
-            start=sample.start,
-            end=sample.end,
-            backend=cfg.video_backend,
-        )
+        video = process_sample_video(sample, cfg)
     except VideoDataError as exc:
         return f"video {exc.reason}: {exc.detail} ({sample.video})"
     except Exception as exc:  # report, never crash the validation of the other lines

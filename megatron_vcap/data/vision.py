@@ -298,6 +298,24 @@ def process_video(
     )
 
 
+def process_sample_video(sample, cfg) -> VideoInputs:
+    """``process_video`` of a manifest sample's clip with a ``DataConfig``'s sampling settings
+    (the one place the loader, validation and evaluation turn config into decode arguments)."""
+    return process_video(
+        sample.video,
+        fps=cfg.fps,
+        min_frames=cfg.min_frames,
+        max_frames=cfg.max_frames,
+        min_pixels=cfg.min_pixels,
+        max_pixels=cfg.max_pixels,
+        total_pixels=cfg.total_pixels,
+        start=sample.start,
+        end=sample.end,
+        backend=cfg.video_backend,
+        num_threads=cfg.decode_threads,
+    )
+
+
 def process_image(
     image,
     *,

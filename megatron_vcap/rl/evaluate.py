@@ -23,23 +23,12 @@ def _prepare(samples, data_cfg, tokenizer):
     """Decode + preprocess each sample into a loader-like item (sample, video, prompt)."""
     from types import SimpleNamespace
 
-    from megatron_vcap.data import process_video
     from megatron_vcap.data.prompts import build_prompt
+    from megatron_vcap.data.vision import process_sample_video
 
     items = []
     for sample in samples:
-        video = process_video(
-            sample.video,
-            fps=data_cfg.fps,
-            min_frames=data_cfg.min_frames,
-            max_frames=data_cfg.max_frames,
-            min_pixels=data_cfg.min_pixels,
-            max_pixels=data_cfg.max_pixels,
-            total_pixels=data_cfg.total_pixels,
-            start=sample.start,
-            end=sample.end,
-            backend=data_cfg.video_backend,
-        )
+        video = process_sample_video(sample, data_cfg)
         items.append(
             SimpleNamespace(sample=sample, video=video, prompt=build_prompt(tokenizer, video))
         )

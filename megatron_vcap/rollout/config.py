@@ -8,6 +8,18 @@ from typing import Literal
 from megatron_vcap.config.loader import ConfigError
 
 
+def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
+    """The sampling ranges, shared by the config and ``SamplingParams``."""
+    if temperature < 0:
+        raise ConfigError(f"temperature: must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p: must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ConfigError(f"top_k: must be >= 0, got {top_k}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+
+
 @dataclass
 class RolloutConfig:
     temperature: float = 1.0
@@ -24,13 +36,6 @@ class RolloutConfig:
     kv_layout: Literal["auto", "left_pad", "aligned"] = "auto"
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k: must be >= 0, got {self.top_k}")
+        check_sampling(self.temperature, self.top_p, self.top_k, self.max_new_tokens)
         if self.prompts_per_batch < 1:
             raise ConfigError(f"prompts_per_batch: must be >= 1, got {self.prompts_per_batch}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")

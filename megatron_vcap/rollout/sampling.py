@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_vcap.config.loader import ConfigError
+from megatron_vcap.rollout.config import check_sampling
 
 
 @dataclass
@@ -31,14 +32,7 @@ class SamplingParams:
     suppress_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k: must be >= 0, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        check_sampling(self.temperature, self.top_p, self.top_k, self.max_new_tokens)
         if any(not s for s in self.stop_strings):
             raise ConfigError("stop_strings: empty strings are not allowed")
         if any(len(seq) == 0 for seq in self.stop_token_ids):
