@@ -50,6 +50,8 @@ def test_unknown_section_and_wrong_types():
         load_job_config(None, ["data.on_error=ignore"])
     with pytest.raises(ConfigError, match="top_p"):
         load_job_config(None, ["rollout.top_p=1.5"])
+    with pytest.raises(ConfigError, match="rollout.prompts_per_batch: must be >= 1"):
+        load_job_config(None, ["rollout.prompts_per_batch=0"])
     with pytest.raises(ConfigError, match="train.lr: expected a number"):
         load_job_config(None, ["train.lr.x=1"])
 
