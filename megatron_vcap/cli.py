@@ -17,8 +17,8 @@ from megatron_vcap.config.loader import ConfigError
 # Subcommand -> module that registers it. Order is the order shown in --help.
 COMMAND_MODULES = {
     "env": "megatron_vcap.env_report",
-    "train": "megatron_vcap.rl.cli",
-    "demo": "megatron_vcap.rl.demo_cli",
+    "train": "megatron_vcap.trainer.cli",
+    "demo": "megatron_vcap.demo.cli",
     "convert": "megatron_vcap.convert.cli",
     "data": "megatron_vcap.data.cli",
     "reward": "megatron_vcap.rewards.cli",

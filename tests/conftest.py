@@ -24,8 +24,8 @@ def pytest_collection_modifyitems(config, items):
 def single_rank():
     """A one-rank gloo/NCCL process group with Megatron's groups, for one test module."""
     from megatron_vcap.parallel.config import ParallelConfig
+    from megatron_vcap.parallel.multiprocess import find_free_port
     from megatron_vcap.parallel.runtime import destroy_distributed, init_distributed
-    from megatron_vcap.testing.multiprocess import find_free_port
 
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}

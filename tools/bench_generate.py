@@ -125,8 +125,8 @@ def copy_hf_to_megatron(hf, mg, args) -> None:
 
 def build_megatron(args, core_attention="local"):
     from megatron_vcap.parallel.config import ParallelConfig
+    from megatron_vcap.parallel.multiprocess import find_free_port
     from megatron_vcap.parallel.runtime import init_distributed
-    from megatron_vcap.testing.multiprocess import find_free_port
     from megatron_vcap.testing.tiny_gpt import TinyGPTConfig, build_tiny_mrope_gpt
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")

@@ -126,7 +126,7 @@ def our_logits(ckpt_dir: str, tp: int, inputs):
 
 
 def main(argv=None) -> int:
-    from megatron_vcap.testing.multiprocess import run_on_ranks
+    from megatron_vcap.parallel.multiprocess import run_on_ranks
 
     args = parse_args(argv)
     inputs = dict(prepare_inputs(args))

@@ -64,7 +64,7 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp
     if read_launch_env().world_size > 1:  # torchrun / srun started the ranks
         convert_on_this_rank(hf_dir, out_dir, tp, pp)
     else:
-        from megatron_vcap.testing.multiprocess import run_on_ranks
+        from megatron_vcap.parallel.multiprocess import run_on_ranks
 
         run_on_ranks(convert_on_this_rank, tp * pp, hf_dir, out_dir, tp, pp, timeout=24 * 3600)
     return Path(out_dir)

@@ -1,1 +1,2 @@
-"""DREAM-1K, VDC and CAREBENCH metrics and the evaluation runner."""
+"""All evaluation: held-out rewards (``vcap eval reward``) and the DREAM-1K, VDC and CAREBENCH
+protocols."""

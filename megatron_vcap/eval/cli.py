@@ -11,8 +11,8 @@ import sys
 
 def run_reward(args) -> int:
     from megatron_vcap.config.job import load_job_config
+    from megatron_vcap.eval.reward_eval import evaluate_main
     from megatron_vcap.parallel.launch_env import read_launch_env
-    from megatron_vcap.rl.evaluate import evaluate_main
 
     env = read_launch_env()
     cfg = load_job_config(args.config, args.overrides, world_size=env.world_size)

@@ -1,1 +1,1 @@
-"""GRPO and SFT: typed records, advantages, losses, the controller and the trainer."""
+"""GRPO and SFT: typed records, advantages, losses, the train engine and the controllers."""

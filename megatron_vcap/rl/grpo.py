@@ -33,15 +33,15 @@ from megatron_vcap.rl.engine import (
     run_microbatches,
 )
 from megatron_vcap.rl.losses import compute_loss_normaliser
-from megatron_vcap.rl.metrics_log import PhaseTimer
-from megatron_vcap.rl.optim import optimizer_step, zero_grads
 from megatron_vcap.rl.policy import (
     PromptBuilder,
     decode_responses,
-    gather_rank_metrics,
     sequence_multiple,
 )
 from megatron_vcap.rl.records import Rollout, build_train_batch
+from megatron_vcap.trainer.metrics import gather_rank_metrics
+from megatron_vcap.trainer.metrics_log import PhaseTimer
+from megatron_vcap.trainer.optim import optimizer_step, zero_grads
 
 
 @dataclass

@@ -5,7 +5,6 @@
   tokenizer's stop tokens, and builds reward requests from generated samples.
 * :class:`ReferencePolicy` holds the frozen initial weights; with ``offload`` it keeps them on the
   CPU between reference passes (GPU memory is then free for the policy).
-* :func:`gather_rank_metrics` merges metric dicts of the data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 
 from megatron_vcap.rollout.types import PromptSpec
 
@@ -128,32 +126,3 @@ class ReferencePolicy:
             if self.offload:
                 self.model.to("cpu")
                 torch.cuda.empty_cache()
-
-
-def _merge(dicts: list[dict[str, float]]) -> dict[str, float]:
-    """Counts (``*_count``, ``count/*``, the loader's consumed / skipped samples) and ``loss``
-    (each rank holds its contribution to the global-batch loss) are summed over ranks;
-    everything else is averaged."""
-    keys = sorted({k for d in dicts for k in d})
-    merged = {}
-    for key in keys:
-        values = [float(d[key]) for d in dicts if key in d]
-        is_count = (
-            key in ("loss", "data/consumed")
-            or key.endswith("_count")
-            or "/count" in key
-            or key.startswith(("count/", "data/skipped"))
-        )
-        merged[key] = sum(values) if is_count else sum(values) / len(values)
-    return merged
-
-
-def gather_rank_metrics(metrics: dict[str, float], ctx) -> dict[str, float]:
-    """Merge this step's metrics over data-parallel ranks (every rank gets the result)."""
-    metrics = {k: float(v) for k, v in metrics.items()}
-    group = ctx.dp_group_gloo
-    if group is None or ctx.dp_size == 1:
-        return metrics
-    gathered: list = [None] * ctx.dp_size
-    dist.all_gather_object(gathered, metrics, group=group)
-    return _merge(gathered)

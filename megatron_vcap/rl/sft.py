@@ -14,10 +14,11 @@ import torch
 
 from megatron_vcap.rl.engine import reduce_microbatch_metrics, run_microbatches, sft_loss_fn
 from megatron_vcap.rl.losses import compute_loss_normaliser
-from megatron_vcap.rl.metrics_log import PhaseTimer
-from megatron_vcap.rl.optim import optimizer_step, zero_grads
-from megatron_vcap.rl.policy import gather_rank_metrics, sequence_multiple
+from megatron_vcap.rl.policy import sequence_multiple
 from megatron_vcap.rl.records import TrainBatch
+from megatron_vcap.trainer.metrics import gather_rank_metrics
+from megatron_vcap.trainer.metrics_log import PhaseTimer
+from megatron_vcap.trainer.optim import optimizer_step, zero_grads
 
 
 def build_sft_batch(examples, pad_token_id: int, pad_to_multiple_of: int = 1) -> TrainBatch:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from megatron_vcap.testing.multiprocess import run_on_ranks
+from megatron_vcap.parallel.multiprocess import run_on_ranks
 
 NUM_VIDEOS = 5  # + 1 missing file = 6 samples, 3 per rank per epoch
 

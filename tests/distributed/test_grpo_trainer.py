@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_vcap.testing.multiprocess import run_on_ranks
+from megatron_vcap.parallel.multiprocess import run_on_ranks
 
 GROUP = 4
 
@@ -30,7 +30,7 @@ def toy_reward(response: str, request) -> float:
 
 
 def recipe_path():
-    from megatron_vcap.rl.demo import recipe_path as demo_recipe
+    from megatron_vcap.demo.demo import recipe_path as demo_recipe
 
     return demo_recipe()
 
@@ -72,13 +72,13 @@ def _tp_update(ws: dict, tp: int, rollouts_holder: dict) -> Path:
     """One GRPO update at tensor parallel size ``tp`` on fixed rollouts; returns its checkpoint."""
     from megatron_vcap.config.job import load_job_config
     from megatron_vcap.data.manifest import load_manifest
+    from megatron_vcap.eval.reward_eval import _prepare
     from megatron_vcap.parallel.runtime import destroy_distributed, init_distributed
-    from megatron_vcap.rl.checkpointing import CheckpointManager
-    from megatron_vcap.rl.evaluate import _prepare
     from megatron_vcap.rl.grpo import GRPOController, RolloutBatch
-    from megatron_vcap.rl.metrics_log import PhaseTimer
-    from megatron_vcap.rl.policy import gather_rank_metrics
-    from megatron_vcap.rl.train import build_components
+    from megatron_vcap.trainer.checkpointing import CheckpointManager
+    from megatron_vcap.trainer.metrics import gather_rank_metrics
+    from megatron_vcap.trainer.metrics_log import PhaseTimer
+    from megatron_vcap.trainer.train import build_components
 
     run_dir = Path(ws["root"]) / f"tp{tp}"
     cfg = load_job_config(
@@ -139,7 +139,7 @@ def _tp_update(ws: dict, tp: int, rollouts_holder: dict) -> Path:
 
 def _resume_runs(ws: dict) -> dict:
     from megatron_vcap.config.job import load_job_config
-    from megatron_vcap.rl.train import train_main
+    from megatron_vcap.trainer.train import train_main
 
     root = Path(ws["root"])
     for run_dir, steps in ((root / "straight", 4), (root / "resumed", 2), (root / "resumed", 4)):
@@ -151,7 +151,7 @@ def _resume_runs(ws: dict) -> dict:
 
 def _sft_run(ws: dict) -> None:
     from megatron_vcap.config.job import load_job_config
-    from megatron_vcap.rl.train import train_main
+    from megatron_vcap.trainer.train import train_main
 
     overrides = _overrides(ws, Path(ws["root"]) / "sft", 4) + [
         "train.mode=sft",
@@ -175,9 +175,9 @@ def _all_checks(ws: dict):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     from megatron_vcap.data.synth import make_synthetic_dataset
+    from megatron_vcap.demo.demo import DemoSettings, build_model_dir
     from megatron_vcap.models.hf_config import load_hf_config
     from megatron_vcap.models.presets import build_tiny_hf_model
-    from megatron_vcap.rl.demo import DemoSettings, build_model_dir
 
     root = tmp_path_factory.mktemp("grpo_trainer")
     data = make_synthetic_dataset(root / "data", 4, seed=5, width=64, height=48, fps=4, seconds=2)

@@ -21,7 +21,7 @@ from megatron_vcap.models.presets import (
     synthetic_frames,
     tiny_hf_config,
 )
-from megatron_vcap.testing.multiprocess import run_on_ranks
+from megatron_vcap.parallel.multiprocess import run_on_ranks
 
 TOL = 1e-4
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"

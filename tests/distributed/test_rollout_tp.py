@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_vcap.testing.multiprocess import run_on_ranks
+from megatron_vcap.parallel.multiprocess import run_on_ranks
 
 VOCAB = 96
 

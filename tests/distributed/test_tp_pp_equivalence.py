@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_vcap.testing.multiprocess import run_on_ranks
+from megatron_vcap.parallel.multiprocess import run_on_ranks
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (tp, pp)
 NUM_LAYERS, HIDDEN, HEADS, GROUPS, VOCAB, SEQ, BATCH, MICRO = 4, 32, 4, 2, 64, 12, 4, 2

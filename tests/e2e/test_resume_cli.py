@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_vcap.testing.multiprocess import find_free_port
+from megatron_vcap.parallel.multiprocess import find_free_port
 
 
 def _launch(ws: dict, run_dir: Path, steps: int) -> None:
@@ -39,7 +39,7 @@ def test_resume_across_launches(tmp_path):
 
     from megatron_vcap.convert.mcore_to_hf import convert_mcore_to_hf
     from megatron_vcap.data.synth import make_synthetic_dataset
-    from megatron_vcap.rl.demo import DemoSettings, build_model_dir, recipe_path
+    from megatron_vcap.demo.demo import DemoSettings, build_model_dir, recipe_path
 
     data = make_synthetic_dataset(tmp_path / "data", 4, seed=2, width=64, height=48, fps=4,
                                   seconds=2)  # fmt: skip

@@ -48,8 +48,8 @@ SIZES = dict(
 @pytest.fixture(scope="module")
 def gpu_rank():
     from megatron_vcap.parallel.config import ParallelConfig
+    from megatron_vcap.parallel.multiprocess import find_free_port
     from megatron_vcap.parallel.runtime import destroy_distributed, init_distributed
-    from megatron_vcap.testing.multiprocess import find_free_port
 
     pytest.importorskip("transformer_engine")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")

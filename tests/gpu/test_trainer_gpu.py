@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_vcap.testing.multiprocess import find_free_port
+from megatron_vcap.parallel.multiprocess import find_free_port
 
 pytestmark = pytest.mark.gpu
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     from megatron_vcap.data.synth import make_synthetic_dataset
-    from megatron_vcap.rl.demo import DemoSettings, build_model_dir
+    from megatron_vcap.demo.demo import DemoSettings, build_model_dir
 
     root = tmp_path_factory.mktemp("trainer_gpu")
     data = make_synthetic_dataset(root / "data", 8, seed=1, width=112, height=84, fps=4,
@@ -38,7 +38,7 @@ def workspace(tmp_path_factory):
 
 
 def _train(root: Path, model: Path, manifest: Path, name: str, *overrides) -> Path:
-    from megatron_vcap.rl.demo import recipe_path
+    from megatron_vcap.demo.demo import recipe_path
 
     run_dir = root / name
     cmd = [

@@ -3,8 +3,8 @@
 import json
 
 from megatron_vcap.config.job import LoggingConfig
-from megatron_vcap.rl.metrics_log import MetricsLogger, PhaseTimer, format_console_line
-from megatron_vcap.rl.policy import _merge
+from megatron_vcap.trainer.metrics import _merge
+from megatron_vcap.trainer.metrics_log import MetricsLogger, PhaseTimer, format_console_line
 
 
 def test_console_line_and_jsonl(tmp_path, capsys):

@@ -108,7 +108,7 @@ def _run(cmd: list[str], log_path: Path) -> float:
 
 
 def _torchrun(nproc: int, args: list[str]) -> list[str]:
-    from megatron_vcap.testing.multiprocess import find_free_port
+    from megatron_vcap.parallel.multiprocess import find_free_port
 
     return [
         sys.executable,
@@ -225,7 +225,7 @@ def run_demo(out: Path, s: DemoSettings) -> dict:
 
 
 def _final_checkpoint(run_dir: Path) -> Path:
-    from megatron_vcap.rl.checkpointing import find_latest
+    from megatron_vcap.trainer.checkpointing import find_latest
 
     ckpt = find_latest(run_dir / "checkpoints")
     if ckpt is None:

@@ -1,4 +1,4 @@
-"""``vcap demo [--out DIR]``: the CPU demo (see ``rl/demo.py``)."""
+"""``vcap demo [--out DIR]``: the CPU demo (see ``demo/demo.py``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def run(args) -> int:
-    from megatron_vcap.rl.demo import DemoSettings, run_demo
+    from megatron_vcap.demo.demo import DemoSettings, run_demo
 
     settings = DemoSettings(
         num_train=args.num_train,
@@ -21,7 +21,7 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    from megatron_vcap.rl.demo import DemoSettings
+    from megatron_vcap.demo.demo import DemoSettings
 
     d = DemoSettings()
     p = sub.add_parser("demo", help="CPU demo: synthetic videos, tiny model, SFT then GRPO, eval")

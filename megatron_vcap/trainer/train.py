@@ -67,8 +67,8 @@ def build_components(cfg, ctx) -> Components:
     from transformers import AutoTokenizer
 
     from megatron_vcap.models.hf_config import load_hf_config
-    from megatron_vcap.rl.optim import build_optimizer
     from megatron_vcap.rl.policy import PromptBuilder, ReferencePolicy
+    from megatron_vcap.trainer.optim import build_optimizer
 
     hf_dir = resolve_hf_dir(cfg)
     hf_config = load_hf_config(hf_dir)
@@ -151,9 +151,9 @@ def train_main(cfg) -> int:
     """Entry point of ``vcap train`` (after config validation)."""
     from megatron_vcap.config.job import save_resolved_config
     from megatron_vcap.parallel.runtime import destroy_distributed, init_distributed
-    from megatron_vcap.rl.checkpointing import CheckpointManager, find_latest
-    from megatron_vcap.rl.metrics_log import MetricsLogger
-    from megatron_vcap.rl.policy import gather_rank_metrics
+    from megatron_vcap.trainer.checkpointing import CheckpointManager, find_latest
+    from megatron_vcap.trainer.metrics import gather_rank_metrics
+    from megatron_vcap.trainer.metrics_log import MetricsLogger
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     owns_process_group = not torch.distributed.is_initialized()

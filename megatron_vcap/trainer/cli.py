@@ -19,9 +19,9 @@ def run(args) -> int:
         print(f"config OK: {args.config} (world size {env.world_size})")
         return 0
     try:
-        from megatron_vcap.rl.train import train_main
+        from megatron_vcap.trainer.train import train_main
     except ModuleNotFoundError as exc:
-        if exc.name != "megatron_vcap.rl.train":
+        if exc.name != "megatron_vcap.trainer.train":
             raise
         print("vcap train: the trainer is not built yet in this build", file=sys.stderr)
         return 2

@@ -1,0 +1,1 @@
+"""The CPU demo, the project's main job (``vcap demo``)."""

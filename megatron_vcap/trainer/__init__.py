@@ -1,0 +1,1 @@
+"""The trainer: time, data and checkpoints around the GRPO / SFT controllers (``vcap train``)."""

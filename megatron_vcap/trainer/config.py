@@ -1,0 +1,66 @@
+"""Training-loop config sections: steps and optimizer (train), checkpoints, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_vcap.config.loader import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    mode: Literal["grpo", "sft"] = "grpo"
+    steps: int = 100
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    micro_batch_size: int = 1
+    # SFT: samples per optimizer step across all data-parallel ranks.
+    global_batch_size: int = 8
+    seed: int = 1234
+    run_dir: str = "runs/default"
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"steps: must be >= 0, got {self.steps}")
+        if self.lr < 0 or self.min_lr < 0:
+            raise ConfigError("lr: must be >= 0")
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ConfigError("micro_batch_size: batch sizes must be >= 1")
+        if self.grad_clip < 0:
+            raise ConfigError("grad_clip: must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: str = ""  # empty: <run_dir>/checkpoints
+    save_interval: int = 0  # steps; 0 saves only at the end
+    keep_last: int = 2
+    # Checkpoint to start from: a directory, "auto" (latest in save_dir, if any) or empty.
+    load: str = "auto"
+    # Initial weights (a converted Megatron checkpoint) when nothing is resumed.
+    pretrained: str = ""
+
+    def validate(self) -> None:
+        if self.save_interval < 0 or self.keep_last < 1:
+            raise ConfigError("keep_last: must be >= 1 and save_interval >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    wandb: bool = False
+    wandb_project: str = "megatron_vcap"
+    wandb_entity: str = ""
+    run_name: str = ""
+
+    def validate(self) -> None:
+        if self.log_interval < 1:
+            raise ConfigError("log_interval: must be >= 1")
