@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 
 from megatron_vcap.config.loader import ConfigError
-from megatron_vcap.models.hf_config import describe_hf_config, load_hf_config
-from megatron_vcap.models.megatron_config import check_parallel_layout
+from megatron_vcap.models.hf_config import (
+    check_parallel_layout,
+    describe_hf_config,
+    load_hf_config,
+)
 from megatron_vcap.parallel.launch_env import read_launch_env
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

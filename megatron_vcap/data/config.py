@@ -38,12 +38,19 @@ class DataConfig:
     def validate(self) -> None:
         if self.fps <= 0:
             raise ConfigError(f"fps: must be > 0, got {self.fps}")
-        if self.min_frames < 1 or self.max_frames < max(self.min_frames, 2):
+        if self.min_frames < 1:
+            raise ConfigError(f"min_frames: must be >= 1, got {self.min_frames}")
+        if self.max_frames < max(self.min_frames, 2):
             raise ConfigError(
-                f"max_frames: must be >= max(min_frames, 2), min_frames >= 1; got {self.min_frames}..{self.max_frames}"
+                f"max_frames: must be >= max(min_frames, 2) = {max(self.min_frames, 2)}, "
+                f"got {self.max_frames}"
             )
-        if self.min_pixels < 1 or self.max_pixels < self.min_pixels:
-            raise ConfigError("max_pixels: must be >= min_pixels >= 1")
+        if self.min_pixels < 1:
+            raise ConfigError(f"min_pixels: must be >= 1, got {self.min_pixels}")
+        if self.max_pixels < self.min_pixels:
+            raise ConfigError(
+                f"max_pixels: must be >= min_pixels ({self.min_pixels}), got {self.max_pixels}"
+            )
         if self.num_workers < 0:
             raise ConfigError("num_workers: must be >= 0")
         if self.prefetch < 1:

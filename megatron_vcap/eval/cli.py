@@ -10,12 +10,16 @@ import sys
 
 
 def run_reward(args) -> int:
-    from megatron_vcap.config.job import load_job_config
+    from pathlib import Path
+
+    from megatron_vcap.config.job import load_job_config, validate_job
     from megatron_vcap.eval.reward_eval import evaluate_main
     from megatron_vcap.parallel.launch_env import read_launch_env
 
     env = read_launch_env()
-    cfg = load_job_config(args.config, args.overrides, world_size=env.world_size)
+    cfg = load_job_config(args.config, args.overrides)
+    hf_dir = Path(args.ckpt) / "hf"
+    validate_job(cfg, env.world_size, mode="eval", model_dir=hf_dir, manifest=args.manifest)
     summary = evaluate_main(cfg, args.ckpt, args.manifest, args.out, batch_size=args.batch_size)
     if env.rank == 0:
         print(

@@ -271,3 +271,23 @@ def describe_hf_config(hf_config) -> QwenVLSpec:
         video_token_id=int(_get(hf_config, "video_token_id", "")),
         vision_start_token_id=int(_get(hf_config, "vision_start_token_id", "")),
     )
+
+
+def check_parallel_layout(spec: QwenVLSpec, tp: int, pp: int) -> None:
+    """Raise ConfigError, naming the config field, when the model does not split over TP x PP."""
+    for value, field in (
+        (spec.num_kv_heads, "text_config.num_key_value_heads"),
+        (spec.vocab_size, "text_config.vocab_size"),
+        (spec.ffn_hidden_size, "text_config.intermediate_size"),
+        (spec.vision_num_heads, "vision_config.num_heads"),
+        (spec.vision_ffn_hidden_size, "vision_config.intermediate_size / mlp_ratio"),
+    ):
+        if value % tp != 0:
+            raise ConfigError(
+                f"config: '{field}' ({value}) is not divisible by the tensor-parallel size {tp}"
+            )
+    if spec.num_layers % pp != 0:
+        raise ConfigError(
+            f"config: 'text_config.num_hidden_layers' ({spec.num_layers}) is not divisible by "
+            f"the pipeline-parallel size {pp}"
+        )

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from megatron.core.activations import quick_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_vcap.config.loader import ConfigError
 from megatron_vcap.models.config import ModelConfig
-from megatron_vcap.models.hf_config import QwenVLSpec
+from megatron_vcap.models.hf_config import QwenVLSpec, check_parallel_layout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VISION_NORM_EPS = 1e-6  # hard-coded in the HF vision blocks and merger
@@ -72,26 +71,6 @@ def _fp8_kwargs(model_cfg: ModelConfig) -> dict:
         fp8_amax_history_len=model_cfg.fp8_amax_history_len,
         fp8_amax_compute_algo="max",
     )
-
-
-def check_parallel_layout(spec: QwenVLSpec, tp: int, pp: int) -> None:
-    """Raise ConfigError, naming the config field, when the model does not split over TP x PP."""
-    for value, field in (
-        (spec.num_kv_heads, "text_config.num_key_value_heads"),
-        (spec.vocab_size, "text_config.vocab_size"),
-        (spec.ffn_hidden_size, "text_config.intermediate_size"),
-        (spec.vision_num_heads, "vision_config.num_heads"),
-        (spec.vision_ffn_hidden_size, "vision_config.intermediate_size / mlp_ratio"),
-    ):
-        if value % tp != 0:
-            raise ConfigError(
-                f"config: '{field}' ({value}) is not divisible by the tensor-parallel size {tp}"
-            )
-    if spec.num_layers % pp != 0:
-        raise ConfigError(
-            f"config: 'text_config.num_hidden_layers' ({spec.num_layers}) is not divisible by "
-            f"the pipeline-parallel size {pp}"
-        )
 
 
 def build_megatron_configs(

@@ -34,8 +34,13 @@ class RewardConfig:
     w_custom: float = 1.0
 
     def validate(self) -> None:
-        if not 0 <= self.escore_delta1 <= self.escore_delta2 <= 1:
-            raise ConfigError("escore_delta2: need 0 <= escore_delta1 <= escore_delta2 <= 1")
+        if not 0 <= self.escore_delta1 <= 1:
+            raise ConfigError(f"escore_delta1: must be in [0, 1], got {self.escore_delta1}")
+        if not self.escore_delta1 <= self.escore_delta2 <= 1:
+            raise ConfigError(
+                f"escore_delta2: must be in [escore_delta1, 1] = [{self.escore_delta1}, 1], "
+                f"got {self.escore_delta2}"
+            )
         for name in ("subject_threshold", "item_threshold"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name}: must be in [0, 1]")
@@ -79,9 +84,14 @@ class JudgeConfig:
             raise ConfigError(f"timeout_s: must be > 0, got {self.timeout_s}")
         if self.max_retries < 0:
             raise ConfigError("max_retries: must be >= 0")
-        if self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
-            raise ConfigError("max_backoff_s: need 0 <= backoff_s <= max_backoff_s")
+        if self.backoff_s < 0:
+            raise ConfigError(f"backoff_s: must be >= 0, got {self.backoff_s}")
+        if self.max_backoff_s < self.backoff_s:
+            raise ConfigError(
+                f"max_backoff_s: must be >= backoff_s ({self.backoff_s}), got {self.max_backoff_s}"
+            )
         if not -1 <= self.entail_threshold <= 1:
             raise ConfigError("entail_threshold: must be in [-1, 1]")
-        if self.max_events < 1 or self.max_tokens < 1:
-            raise ConfigError("max_events: max_events and max_tokens must be >= 1")
+        for name in ("max_events", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

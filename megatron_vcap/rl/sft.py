@@ -93,7 +93,9 @@ class SFTController:
             loss_fn = sft_loss_fn(
                 tp_group=self.ctx.tp_group,
                 normaliser=normaliser,
-                undo_averaging=len(micro_batches) * self.ctx.dp_size * self.ctx.cp_size,
+                # No CP factor: Megatron's schedule already multiplies the loss by the CP size
+                # (context_parallel_size > 1 is refused by validate_job until CP is built).
+                undo_averaging=len(micro_batches) * self.ctx.dp_size,
             )
             outputs = run_microbatches(
                 self.bundle.ddp_model, micro_batches, loss_fn, forward_only=False

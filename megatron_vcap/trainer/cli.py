@@ -1,36 +1,42 @@
-"""``vcap train --config FILE [a.b=c ...]``: validate the config, then run GRPO or SFT.
+"""``vcap train --config FILE [a.b=c ...]``: validate the job, then run GRPO or SFT.
 
-Launch under ``torchrun`` or ``srun``; the config is validated (including the parallel layout
-against the launcher's world size) before any process group exists.
+Launch under ``torchrun`` or ``srun``. The whole job is validated (``config.job.validate_job``:
+layout against the launcher's world size, batches, manifest, model folder, checkpoints, judge)
+before any process group exists. ``--check`` runs exactly that validation and exits; give
+``--world-size`` to check a layout from a login node, and ``--probe-judge`` to also send the
+judge one request.
 """
 
 from __future__ import annotations
 
-import sys
-
 
 def run(args) -> int:
-    from megatron_vcap.config.job import load_job_config
+    from megatron_vcap.config.job import load_job_config, validate_job
     from megatron_vcap.parallel.launch_env import read_launch_env
 
-    env = read_launch_env()
-    cfg = load_job_config(args.config, args.overrides, world_size=env.world_size)
+    cfg = load_job_config(args.config, args.overrides)
     if args.check:
-        print(f"config OK: {args.config} (world size {env.world_size})")
+        world_size = args.world_size or read_launch_env().world_size
+        check = validate_job(cfg, world_size, probe_judge=args.probe_judge)
+        print(f"config OK: {args.config}\n{check.summary()}")
         return 0
-    try:
-        from megatron_vcap.trainer.train import train_main
-    except ModuleNotFoundError as exc:
-        if exc.name != "megatron_vcap.trainer.train":
-            raise
-        print("vcap train: the trainer is not built yet in this build", file=sys.stderr)
-        return 2
-    return train_main(cfg)
+    from megatron_vcap.trainer.train import train_main
+
+    return train_main(cfg, probe_judge=args.probe_judge)
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="GRPO or SFT training (torchrun / srun)")
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo_cpu.yaml")
-    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--check", action="store_true", help="validate the whole job and exit")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        help="with --check: the number of ranks to check the layout for "
+        "(default: the launcher's, 1 outside torchrun/srun)",
+    )
+    p.add_argument(
+        "--probe-judge", action="store_true", help="also send the judge one request first"
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.group_size=8")
     p.set_defaults(func=run)

@@ -30,10 +30,12 @@ class TrainConfig:
     def validate(self) -> None:
         if self.steps < 0:
             raise ConfigError(f"steps: must be >= 0, got {self.steps}")
-        if self.lr < 0 or self.min_lr < 0:
-            raise ConfigError("lr: must be >= 0")
-        if self.micro_batch_size < 1 or self.global_batch_size < 1:
-            raise ConfigError("micro_batch_size: batch sizes must be >= 1")
+        for name in ("lr", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("micro_batch_size", "global_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.grad_clip < 0:
             raise ConfigError("grad_clip: must be >= 0 (0 disables clipping)")
 
@@ -49,8 +51,10 @@ class CheckpointConfig:
     pretrained: str = ""
 
     def validate(self) -> None:
-        if self.save_interval < 0 or self.keep_last < 1:
-            raise ConfigError("keep_last: must be >= 1 and save_interval >= 0")
+        if self.save_interval < 0:
+            raise ConfigError(f"save_interval: must be >= 0, got {self.save_interval}")
+        if self.keep_last < 1:
+            raise ConfigError(f"keep_last: must be >= 1, got {self.keep_last}")
 
 
 @dataclass

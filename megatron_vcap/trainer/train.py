@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_vcap.config.loader import ConfigError, to_dict
+from megatron_vcap.config.loader import to_dict
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +26,6 @@ class Components:
     bundle: object
     reference: object | None
     prompt_builder: object
-
-
-def resolve_hf_dir(cfg) -> Path:
-    """The model directory (config.json + tokenizer/processor files) the run is built from."""
-    pretrained = cfg.checkpoint.pretrained
-    if pretrained and (Path(pretrained) / "hf" / "config.json").is_file():
-        return Path(pretrained) / "hf"
-    if not cfg.model.hf_path:
-        raise ConfigError("model.hf_path: empty; name a Hugging Face model directory")
-    path = Path(cfg.model.hf_path)
-    if path.is_file():
-        path = path.parent
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.hf_path: {path} has no config.json")
-    return path
 
 
 def build_policy(cfg, hf_config, hf_dir: Path):
@@ -66,6 +51,7 @@ def build_policy(cfg, hf_config, hf_dir: Path):
 def build_components(cfg, ctx) -> Components:
     from transformers import AutoTokenizer
 
+    from megatron_vcap.config.job import resolve_hf_dir
     from megatron_vcap.models.hf_config import load_hf_config
     from megatron_vcap.rl.policy import PromptBuilder, ReferencePolicy
     from megatron_vcap.trainer.optim import build_optimizer
@@ -93,12 +79,9 @@ def build_components(cfg, ctx) -> Components:
 
 
 def items_per_step(cfg, ctx) -> int:
+    """Prompts (GRPO) or samples (SFT) per step on this rank (divisibility: ``validate_job``)."""
     total = cfg.grpo.prompts_per_step if cfg.train.mode == "grpo" else cfg.train.global_batch_size
-    name = "grpo.prompts_per_step" if cfg.train.mode == "grpo" else "train.global_batch_size"
-    if total % ctx.dp_size != 0:
-        raise ConfigError(
-            f"{name}: {total} is not divisible by the data-parallel size {ctx.dp_size}"
-        )
+    assert total % ctx.dp_size == 0, (total, ctx.dp_size)
     return total // ctx.dp_size
 
 
@@ -106,8 +89,6 @@ def build_data(cfg, ctx, tokenizer):
     from megatron_vcap.data.loader import build_loader
     from megatron_vcap.data.manifest import load_manifest
 
-    if not cfg.data.train_manifest:
-        raise ConfigError("data.train_manifest: empty; name a JSONL manifest")
     samples = load_manifest(cfg.data.train_manifest)
     return build_loader(
         samples,
@@ -128,11 +109,6 @@ def build_controller(cfg, comps: Components):
     from megatron_vcap.rewards.service import RewardService
     from megatron_vcap.rl.grpo import GRPOController
 
-    if comps.ctx.pp_size > 1:
-        raise ConfigError(
-            "parallel.pipeline_model_parallel_size: GRPO rollouts need PP = 1 "
-            "(use tensor parallelism; SFT supports PP)"
-        )
     leader = comps.ctx.tp_rank == 0 and comps.ctx.pp_rank == 0
     service = RewardService(cfg.reward, cfg.judge) if leader else None
     controller = GRPOController(
@@ -147,15 +123,29 @@ def build_controller(cfg, comps: Components):
     return controller, service
 
 
-def train_main(cfg) -> int:
-    """Entry point of ``vcap train`` (after config validation)."""
-    from megatron_vcap.config.job import save_resolved_config
+def launch_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of this launch: the process group's if one exists, else the launcher's."""
+    from megatron_vcap.parallel.launch_env import read_launch_env
+
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    env = read_launch_env()
+    return env.rank, env.world_size
+
+
+def train_main(cfg, *, probe_judge: bool = False) -> int:
+    """Entry point of ``vcap train``: validates the whole job first (``validate_job``), so a
+    config mistake stops every rank before any process group or model exists."""
+    from megatron_vcap.config.job import save_resolved_config, validate_job
     from megatron_vcap.parallel.runtime import destroy_distributed, init_distributed
     from megatron_vcap.trainer.checkpointing import CheckpointManager, find_latest
     from megatron_vcap.trainer.metrics import gather_rank_metrics
     from megatron_vcap.trainer.metrics_log import MetricsLogger
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    rank, world_size = launch_rank_and_size()
+    # The judge is probed once per launch, from the first rank.
+    validate_job(cfg, world_size, probe_judge=probe_judge and rank == 0)
     owns_process_group = not torch.distributed.is_initialized()
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)
     run_dir = Path(cfg.train.run_dir)
