@@ -25,23 +25,6 @@ COMMAND_MODULES = {
     "eval": "megatron_vcap.eval.cli",
 }
 
-_PENDING_HELP = {
-    "train": "GRPO / SFT training (not built yet)",
-    "demo": "the CPU demo: synthetic data, tiny model, SFT then GRPO (not built yet)",
-    "convert": "Hugging Face <-> Megatron checkpoint conversion (not built yet)",
-    "data": "dataset tools: synth, validate, annotate (not built yet)",
-    "reward": "offline reward scoring (not built yet)",
-    "eval": "DREAM-1K / VDC / CAREBENCH evaluation (not built yet)",
-}
-
-
-def _not_built(name: str):
-    def handler(args) -> int:
-        print(f"vcap {name}: not implemented yet in this build", file=sys.stderr)
-        return 2
-
-    return handler
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -49,17 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module_name in COMMAND_MODULES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            p = sub.add_parser(name, help=_PENDING_HELP[name])
-            p.add_argument("rest", nargs=argparse.REMAINDER)
-            p.set_defaults(func=_not_built(name))
-            continue
-        module.register(sub)
+    for module_name in COMMAND_MODULES.values():
+        importlib.import_module(module_name).register(sub)
     return parser
 
 

@@ -11,10 +11,11 @@ manifests, model folder, checkpoints, rewards and judge) before any process grou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from megatron_vcap.config.loader import (
     ConfigError,
@@ -22,6 +23,7 @@ from megatron_vcap.config.loader import (
     dump_yaml,
     from_dict,
     load_yaml,
+    set_dotted,
 )
 from megatron_vcap.data.config import DataConfig
 from megatron_vcap.models.config import ModelConfig
@@ -51,14 +53,52 @@ def load_job_config(
 ) -> JobConfig:
     """YAML file + overrides -> validated JobConfig; checks the layout against ``world_size``."""
     data = load_yaml(path) if path else {}
-    data = apply_overrides(data, overrides)
-    try:
-        cfg = from_dict(JobConfig, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    cfg = _build(apply_overrides(data, overrides), path)
     if world_size is not None:
         cfg.parallel.validate_world_size(world_size)
     return cfg
+
+
+def load_job_sections(
+    path: str | Path | None,
+    overrides: Sequence[str] = (),
+    *,
+    sections: Sequence[str],
+    command: str,
+    flags: Mapping[str, Any] | None = None,
+) -> JobConfig:
+    """The job config of a tool that uses only ``sections`` of it (``vcap data validate``,
+    ``vcap reward score``, ``vcap data annotate``): one way of loading for every CLI.
+
+    Layers, last wins: the job YAML (the file ``vcap train`` takes), the tool's own flags
+    (``flags``: dotted key -> value; None means the flag was not given), then ``section.key=value``
+    overrides in the syntax of ``vcap train``. An override outside ``sections``, or one without
+    its section (``max_frames=16``), is an error that says what to write instead.
+    """
+    hints = typing.get_type_hints(JobConfig)
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if "=" in text and "." not in key:
+            owners = [s for s in sections if key in {f.name for f in fields(hints[s])}]
+            example = f"{owners[0]}.{key}=..." if owners else "section.key=value"
+            raise ConfigError(
+                f"override '{text}': name its section, e.g. '{example}' (as in vcap train)"
+            )
+        if key.split(".", 1)[0] not in sections:
+            allowed = " and ".join(f"{s}.*" for s in sections)
+            raise ConfigError(f"override '{text}': only {allowed} keys apply to {command}")
+    data = load_yaml(path) if path else {}
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_dotted(data, key.split("."), value, key)
+    return _build(apply_overrides(data, overrides), path)
+
+
+def _build(data: dict, path: str | Path | None) -> JobConfig:
+    try:
+        return from_dict(JobConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
 
 
 def save_resolved_config(cfg: JobConfig, run_dir: str | Path) -> Path:

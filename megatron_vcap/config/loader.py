@@ -159,21 +159,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_dotted(data: dict[str, Any], parts: Sequence[str], value: Any, source: str) -> None:
+    """``data[parts[0]][parts[1]]... = value``, creating sections; ``source`` names the setting
+    in errors (an override's text, a flag)."""
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(
+                f"override '{source}': '{'.'.join(parts[: i + 1])}' is a value, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply dotted overrides onto a nested mapping (creating sections as needed)."""
     for text in overrides:
         parts, value = parse_override(text)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(
-                    f"override '{text}': '{'.'.join(parts[: i + 1])}' is a value, not a section"
-                )
-            node = child
-        node[parts[-1]] = value
+        set_dotted(data, parts, value, text)
     return data
 
 

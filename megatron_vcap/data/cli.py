@@ -1,13 +1,12 @@
 """``vcap data``: dataset tools — ``synth`` (synthetic videos + manifest + tiny tokenizer),
 ``validate`` (check every manifest line) and ``annotate`` (judge-built structures; it lives in
-``megatron_vcap/rewards/annotate.py`` and is registered here when present).
+``megatron_vcap/rewards/annotate.py`` and is registered here).
 
 Heavy imports (torch, decoders) stay inside the handlers so ``vcap --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from megatron_vcap.config.loader import ConfigError
@@ -40,14 +39,17 @@ def _synth(args) -> int:
 
 
 def _data_config(args):
-    from megatron_vcap.config.loader import apply_overrides, from_dict, load_yaml
-    from megatron_vcap.data.config import DataConfig
+    """The data section: --config's, then --backend, then data.* overrides (as in vcap train)."""
+    from megatron_vcap.config.job import load_job_sections
 
-    data = {}
-    if args.config:
-        data = load_yaml(args.config).get("data", {}) or {}
-    data = apply_overrides(dict(data), args.override or [])
-    return from_dict(DataConfig, data, "data")
+    cfg = load_job_sections(
+        args.config,
+        args.overrides,
+        sections=("data",),
+        command="vcap data validate",
+        flags={"data.video_backend": args.backend},
+    )
+    return cfg.data
 
 
 def _validate(args) -> int:
@@ -55,8 +57,6 @@ def _validate(args) -> int:
     from megatron_vcap.data.validate import validate_manifest
 
     cfg = _data_config(args)
-    if args.backend:
-        cfg.video_backend = args.backend
     try:
         report = validate_manifest(
             args.manifest,
@@ -108,25 +108,13 @@ def register(subparsers) -> None:
     p.add_argument("--full-decode", action="store_true", help="also decode every frame")
     p.add_argument("--workers", type=int, default=1, help="decode in this many processes")
     p.add_argument(
-        "override",
+        "overrides",
         nargs="*",
-        metavar="KEY=VALUE",
-        help="data-config overrides, e.g. max_frames=16",
+        metavar="SECTION.KEY=VALUE",
+        help="data.* overrides as in vcap train, e.g. data.max_frames=16",
     )
     p.set_defaults(func=_validate)
 
-    try:
-        from megatron_vcap.rewards.annotate import add_annotate_parser
-    except ModuleNotFoundError as exc:
-        if exc.name != "megatron_vcap.rewards.annotate":
-            raise
-        p = sub.add_parser("annotate", help="build structures/events with a judge (not built yet)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_annotate_missing)
-    else:
-        add_annotate_parser(sub)
+    from megatron_vcap.rewards.annotate import add_annotate_parser
 
-
-def _annotate_missing(args) -> int:
-    print("vcap data annotate: not implemented yet in this build", file=sys.stderr)
-    return 2
+    add_annotate_parser(sub)

@@ -2,7 +2,7 @@
 
     vcap reward score --manifest M --responses R.jsonl --out S.jsonl \
         [--judge embedded|openai --judge-url URL --judge-model NAME --judge-key-env VAR ...] \
-        [--backend lexical|embedding] [--config job.yaml] [reward.x=... judge.y=...]
+        [--backend lexical|embedding] [--config job.yaml] [reward.KEY=VALUE judge.KEY=VALUE ...]
 
 Each line of R.jsonl is ``{"id": <manifest sample id>, "response": <model output>}`` (several
 responses may share a sample id). S.jsonl gets one line per response, in input order, with every
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from megatron_vcap.config.loader import ConfigError, apply_overrides, from_dict, load_yaml
+from megatron_vcap.config.loader import ConfigError
 from megatron_vcap.rewards.config import JudgeConfig, RewardConfig
 
 
@@ -35,7 +35,12 @@ def add_judge_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-retries", type=int, help="retries per request")
     g.add_argument("--judge-cache", help="directory of the on-disk answer cache")
     p.add_argument("--config", help="job YAML whose reward: and judge: sections are used")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. judge.max_events=8")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="SECTION.KEY=VALUE",
+        help="reward.* / judge.* overrides as in vcap train, e.g. judge.max_events=8",
+    )
 
 
 _JUDGE_FLAGS = {
@@ -51,29 +56,17 @@ _JUDGE_FLAGS = {
 
 
 def build_configs(args: argparse.Namespace) -> tuple[RewardConfig, JudgeConfig]:
-    """Reward and judge configs from --config, the flags, then KEY=VALUE overrides (last wins)."""
-    data: dict[str, Any] = {}
-    if args.config:
-        full = load_yaml(args.config)
-        data = {k: dict(full.get(k) or {}) for k in ("reward", "judge")}
-    data.setdefault("reward", {})
-    data.setdefault("judge", {})
-    for flag, key in _JUDGE_FLAGS.items():
-        if getattr(args, flag, None) is not None:
-            data["judge"][key] = getattr(args, flag)
-    if getattr(args, "backend", None):
-        data["reward"]["think_backend"] = args.backend
-    for text in args.overrides:
-        if not text.split("=", 1)[0].startswith(("reward.", "judge.")):
-            raise ConfigError(f"override '{text}': only reward.* and judge.* keys apply here")
-    data = apply_overrides(data, args.overrides)
-    where = f"{args.config}: " if args.config else ""
-    try:
-        reward = from_dict(RewardConfig, data["reward"], "reward")
-        judge = from_dict(JudgeConfig, data["judge"], "judge")
-    except ConfigError as exc:
-        raise ConfigError(f"{where}{exc}") from None
-    return reward, judge
+    """Reward and judge configs: --config's sections, the flags, then overrides (last wins)."""
+    from megatron_vcap.config.job import load_job_sections
+
+    flags = {f"judge.{key}": getattr(args, flag, None) for flag, key in _JUDGE_FLAGS.items()}
+    flags["reward.think_backend"] = getattr(args, "backend", None)
+    sub = getattr(args, "reward_command", None) or getattr(args, "data_command", None)
+    command = " ".join(x for x in ("vcap", getattr(args, "command", None), sub) if x)
+    cfg = load_job_sections(
+        args.config, args.overrides, sections=("reward", "judge"), command=command, flags=flags
+    )
+    return cfg.reward, cfg.judge
 
 
 def load_responses(path: str | os.PathLike, known_ids: set[str]) -> list[tuple[int, str, str]]:

@@ -10,6 +10,7 @@ import pytest
 
 from megatron_vcap.config.job import JobConfig, load_job_config, save_resolved_config
 from megatron_vcap.config.loader import ConfigError, parse_override, to_dict
+from megatron_vcap.data.config import DataConfig
 
 
 def write(tmp_path, text, name="job.yaml"):
@@ -73,6 +74,34 @@ def test_override_parsing():
     assert parse_override("a=hello world") == (["a"], "hello world")
     with pytest.raises(ConfigError):
         parse_override("novalue")
+
+
+def test_tool_sections_share_the_train_syntax(tmp_path):
+    """vcap data / reward tools load sections one way: YAML, then flags, then overrides."""
+    from megatron_vcap.config.job import load_job_sections
+
+    path = write(tmp_path, "data:\n  max_frames: 8\n  fps: 1.0\njudge:\n  model: m\n")
+    cfg = load_job_sections(
+        path,
+        ["data.fps=4"],
+        sections=("data",),
+        command="vcap data validate",
+        flags={"data.max_frames": 12, "data.video_backend": None},
+    )
+    assert (cfg.data.max_frames, cfg.data.fps) == (12, 4.0)  # flag over YAML, override last
+    assert cfg.data.video_backend == DataConfig().video_backend  # a flag not given: untouched
+    assert cfg.judge.model == "m"  # the whole file is read (and validated) as a job config
+    with pytest.raises(ConfigError, match="only data.\\* keys apply to vcap data validate"):
+        load_job_sections(
+            None, ["grpo.group_size=2"], sections=("data",), command="vcap data validate"
+        )
+    with pytest.raises(ConfigError, match="e.g. 'judge.max_events=...'"):
+        load_job_sections(None, ["max_events=3"], sections=("reward", "judge"), command="x")
+    # A flag's bad value names its key, like an override's.
+    with pytest.raises(ConfigError, match="judge.concurrency: must be >= 1"):
+        load_job_sections(
+            None, [], sections=("judge",), command="x", flags={"judge.concurrency": 0}
+        )
 
 
 def test_resolved_config_round_trips(tmp_path):

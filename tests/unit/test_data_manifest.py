@@ -168,5 +168,8 @@ def test_validate_usage_errors(tmp_path, capsys):
     assert vcap_main(["data", "validate", str(tmp_path / "none.jsonl")]) == 2
     assert "manifest not found" in capsys.readouterr().err
     write_manifest(tmp_path / "m.jsonl", [Sample("a", str(tmp_path / "v.mp4"), "cap")])
-    assert vcap_main(["data", "validate", str(tmp_path / "m.jsonl"), "max_frames=0"]) == 2
-    assert "max_frames" in capsys.readouterr().err
+    assert vcap_main(["data", "validate", str(tmp_path / "m.jsonl"), "data.max_frames=0"]) == 2
+    assert "data.max_frames: must be >= max(min_frames, 2)" in capsys.readouterr().err
+    # The syntax of vcap train: a bare key is an error that shows the dotted form.
+    assert vcap_main(["data", "validate", str(tmp_path / "m.jsonl"), "max_frames=16"]) == 2
+    assert "e.g. 'data.max_frames=...'" in capsys.readouterr().err
