@@ -17,7 +17,8 @@ see ``megatron_vcap/testing/tiny_gpt.py``), the HF model with its default (SDPA)
    (prefills G copies, computes finished rows until the longest ends), in generated tokens/s.
 
 Each timing is the best of ``--repeats`` runs after one warm-up, in this one process.
-Usage: ``python tools/bench_generate.py [--device cuda] [--layers 4 --hidden 256 ...]``
+Usage: ``python tools/bench_generate.py [--device cuda] [--dtype bf16] [--layers 4 --hidden 256 ...]``
+(``main`` also returns the figures as a dict: the GPU kit, ``tools/gpu/rollout.py``, reads them).
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ import time
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Max |ours - transformers| logit difference, relative to max(1, max |logit|), per dtype.
+PARITY_TOL = {"fp32": 1e-3, "bf16": 3e-2}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="both models' dtype")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=8)
@@ -80,7 +86,8 @@ def build_hf(args):
         tie_word_embeddings=False,
         rms_norm_eps=1e-6,
     )
-    model = Qwen2ForCausalLM(config).eval()
+    with torch.device(args.device):  # built where it runs: CPU init of a large model is slow
+        model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():  # HF init gives zero biases; random ones make the QKV-bias copy count
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -145,6 +152,7 @@ def build_megatron(args, core_attention="local"):
         mrope_section=section,
         rotary_base=10000,
         core_attention=core_attention,
+        dtype=DTYPES[args.dtype],
     )
     return build_tiny_mrope_gpt(cfg)
 
@@ -206,11 +214,15 @@ def bench_vs_transformers(hf, models, args):
     print(f"[1] greedy, {args.prompts} prompts x {args.new_tokens} new tokens "
           f"(prompt ~{args.prompt_len} tokens), same batch")  # fmt: skip
     print(f"    transformers generate          : {total / hf_s:8.1f} tokens/s ({hf_s:.3f} s)")
+    out = {"transformers_tokens_per_s": total / hf_s}
     for name, mg in models.items():
         ours_s, ours = timed(lambda mg=mg: generate(mg, prompts, sampling=greedy), args.repeats)
         agree = sum(o.response_ids_R.tolist() == t.tolist() for o, t in zip(ours, theirs))
         print(f"    ours, {name:24s} : {total / ours_s:8.1f} tokens/s ({ours_s:.3f} s)  "
               f"ratio {hf_s / ours_s:.2f}x (target >= 1.0); same tokens {agree}/{len(prompts)}")  # fmt: skip
+        out[name] = {"tokens_per_s": total / ours_s, "ratio": hf_s / ours_s,
+                     "same_tokens": agree / len(prompts)}  # fmt: skip
+    return out
 
 
 def bench_prefix_sharing(models, args):
@@ -221,6 +233,7 @@ def bench_prefix_sharing(models, args):
     G = args.group_size
     print(f"[2] group-prefix sharing vs {args.prompts * G} prefilled copies, {args.prompts} prompts"
           f" x G={G}, prompt ~{args.share_prompt_len} tokens, T=1.0")  # fmt: skip
+    out = {}
     for name, mg in models.items():
         for label, new in (("whole generation", args.share_new_tokens), ("prefill only", 1)):
             params = SamplingParams(temperature=1.0, max_new_tokens=new)
@@ -234,6 +247,8 @@ def bench_prefix_sharing(models, args):
                 )
             print(f"    ours, {name:24s} {label:16s} ({new:3d} new): shared {t[True]:.3f} s, "
                   f"copies {t[False]:.3f} s -> speedup {t[False] / t[True]:.2f}x")  # fmt: skip
+            out.setdefault(name, {})[label.replace(" ", "_") + "_speedup"] = t[False] / t[True]
+    return out
 
 
 def count_until_eos(rows, eos):
@@ -263,6 +278,7 @@ def bench_grpo_workload(hf, models, args):
     print(f"[3] GRPO rollout workload, {args.prompts} prompts x G={G}, prompt "
           f"~{args.share_prompt_len} tokens, <= {N} new tokens, T=1.0, EOS p~{args.eos_fraction}")  # fmt: skip
     print(f"    transformers (num_return_sequences): {hf_rate:8.1f} tokens/s ({hf_s:.3f} s)")
+    out = {"transformers_tokens_per_s": hf_rate}
     for name, mg in models.items():
         ours_s, ours = timed(
             lambda mg=mg: generate(mg, prompts, sampling=params, group_size=G, seed=0),
@@ -271,6 +287,8 @@ def bench_grpo_workload(hf, models, args):
         rate = sum(o.num_tokens for o in ours) / ours_s
         print(f"    ours, {name:24s}     : {rate:8.1f} tokens/s ({ours_s:.3f} s)  "
               f"ratio {rate / hf_rate:.2f}x (target >= 1.0)")  # fmt: skip
+        out[name] = {"tokens_per_s": rate, "ratio": rate / hf_rate}
+    return out
 
 
 def main(argv=None):
@@ -278,30 +296,34 @@ def main(argv=None):
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    hf = build_hf(args).to(args.device)
+    hf = build_hf(args).to(args.device, DTYPES[args.dtype])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {args.device}, threads {torch.get_num_threads()}, load average {load:.1f}, "
           f"layers {args.layers}, hidden {args.hidden}, vocab {args.vocab}")  # fmt: skip
-    models = {}
+    models, results = {}, {"parity_max_rel_diff": {}}
     for core in args.core_attention.split(","):
         mg = build_megatron(args, core).to(args.device)
         copy_hf_to_megatron(hf, mg, args)
         ids = torch.randint(0, args.vocab, (2, 40), device=args.device)
         pos = torch.arange(40, device=args.device).expand(3, 2, 40)
         with torch.no_grad():
-            diff = (mg(ids, pos, None) - hf(input_ids=ids).logits).abs().max().item()
+            ref = hf(input_ids=ids).logits.float()
+            diff = (mg(ids, pos, None).float() - ref).abs().max().item()
+        diff /= max(1.0, ref.abs().max().item())
         label = {"local": "local DotProductAttention", "sdpa": "SDPA core attention"}[core]
-        print(f"    {label}: logits vs transformers max diff {diff:.2e}")
-        if diff > 1e-3:
+        print(f"    {label}: logits vs transformers max relative diff {diff:.2e}")
+        if diff > PARITY_TOL[args.dtype]:
             raise SystemExit("weight copy is wrong: logits differ; timings would be meaningless")
         models[label] = mg
+        results["parity_max_rel_diff"][label] = diff
     sections = set(args.sections.split(","))
     if "1" in sections:
-        bench_vs_transformers(hf, models, args)
+        results["greedy"] = bench_vs_transformers(hf, models, args)
     if "2" in sections:
-        bench_prefix_sharing(models, args)
+        results["prefix_sharing"] = bench_prefix_sharing(models, args)
     if "3" in sections:
-        bench_grpo_workload(hf, models, args)
+        results["grpo_workload"] = bench_grpo_workload(hf, models, args)
+    return results
 
 
 if __name__ == "__main__":

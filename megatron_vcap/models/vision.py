@@ -164,7 +164,8 @@ class QwenVisionModel(MegatronModule):
         unit = spec.spatial_merge_size**2
         grid_thw = grid_thw.cpu()
         weight = self.patch_embed.proj.weight
-        patches = pixel_values.to(weight.dtype).view(
+        # Loaders and prompt builders keep pixels on the host; the tower may live on a GPU.
+        patches = pixel_values.to(weight.device, weight.dtype).view(
             -1, spec.in_channels, spec.temporal_patch_size, spec.patch_size, spec.patch_size
         )
         hidden = self.patch_embed.proj(patches).view(-1, spec.vision_hidden_size)

@@ -50,8 +50,11 @@ def run_microbatches(
     """Run the schedule; returns the loss closures' metric dicts (last pipeline stage only)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    device = next(model.parameters()).device
+
     def forward_step(data_iterator, model_chunk):
-        mb = next(data_iterator)
+        # Batches are assembled on the host; the loss closure sees the moved copy too.
+        mb = next(data_iterator).to(device)
         output = model_chunk(
             mb.tokens_BT,
             mb.position_ids_3BT,
