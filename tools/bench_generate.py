@@ -30,8 +30,9 @@ import time
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Max |ours - transformers| logit difference, relative to max(1, max |logit|), per dtype.
-PARITY_TOL = {"fp32": 1e-3, "bf16": 3e-2}
+# Max |ours - transformers| logit difference relative to max(1, max |logit|), per dtype: a wrong
+# weight copy gives O(1); bf16 rounding (accumulation order, norm precision) gives ~1e-2.
+PARITY_TOL = {"fp32": 1e-3, "bf16": 0.1}
 
 
 def parse_args(argv=None):
