@@ -4,6 +4,7 @@ list, the size accounting of what a device call carries, the time planning, the 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +154,36 @@ def test_rollout_gpu_arguments_parse():
 
     args = bench_generate.parse_args(rollout.GPU + ["--core-attention", "sdpa"])
     assert args.dtype == "bf16" and args.group_size == 8 and args.hidden // args.heads == 128
+
+
+def test_kill_tree_ends_descendants_in_sessions_of_their_own(tmp_path):
+    """What torchrun does: its workers run in new sessions, beyond the child's process group."""
+    import os
+    import sys
+    import time
+
+    from tools.gpu.common import kill_tree
+
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, time; p = subprocess.Popen(['sleep', '120'], "
+            f"start_new_session=True); open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+            "time.sleep(120)")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    for _ in range(200):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    kill_tree(proc)
+    assert proc.returncode is not None
+    for _ in range(100):  # the grandchild is re-parented once killed; wait until it is reaped
+        try:
+            os.kill(grandchild, 0)
+            stat = Path(f"/proc/{grandchild}/stat").read_text()
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":  # killed, not yet reaped by init
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"grandchild {grandchild} still runs")

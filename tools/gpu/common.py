@@ -8,9 +8,12 @@ benchmark drop its optional parts when the deadline approaches (it then says so 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,3 +141,41 @@ def peak_memory_gib() -> float | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.max_memory_allocated() / 2**30
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc: torchrun starts each worker in a session of
+    its own, so killing the child's process group alone would leave the workers running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """End a child that outran its limit, with its process group and every descendant
+    (torchrun workers included): TERM first, so that torchrun agents stop their workers, then
+    KILL whatever is left. Descendants are listed while the child still lives (orphans are
+    re-parented and could no longer be found)."""
+    targets = set(descendants(proc.pid))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is None:
+            targets |= set(descendants(proc.pid))
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        if sig == signal.SIGTERM:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+    proc.wait()

@@ -16,10 +16,8 @@ whole). Writes ``report.json``, ``report.md`` and ``kit.log`` (every section's o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,8 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+
+from tools.gpu.common import kill_tree
 
 REPO = Path(__file__).resolve().parents[2]
 LOG_CAP_BYTES = 2 * 2**20  # per section in kit.log: the device returns files up to 16 MiB
@@ -151,21 +151,11 @@ def _spawn(plan: dict, plan_path: Path, log_path: Path, timeout: float) -> str:
             status = "done"
         except subprocess.TimeoutExpired:
             status = "timeout"
-        finally:
-            _kill_group(proc)
+            kill_tree(proc)
+        except BaseException:
+            kill_tree(proc)
+            raise
     return status
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """End the child's whole process group (torchrun and its workers): TERM, then KILL."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-    # The leader may be gone while its group still holds workers.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -223,11 +213,14 @@ def run_steps(steps: list[dict], isolate: bool, deadline: float, logs: Path) -> 
         limit = (plan_timeout(names.index(name), names, table, remaining, step["ctx"]["dry_run"])
                  if name in table else min(HELPER_S, remaining - 5))  # fmt: skip
         log = logs / f"{name}.log"
+        began = time.time()
         if limit >= MIN_SECTION_S:
             print(f"[kit] {name}: running (limit {limit:.0f} s)", flush=True)
             plan = {"steps": [step], "deadline": time.time() + limit}
             _spawn(plan, logs / f"plan_{name}.json", log, limit + 10)
         records[name] = rec = collect(step["ctx"], log, limit >= MIN_SECTION_S, limit)
+        if rec["status"] == "timeout":
+            rec["seconds"] = round(time.time() - began, 1)
         print(f"[kit] {name}: {rec['status']} ({rec['seconds']:.0f} s)", flush=True)
         if rec["status"] not in ("pass", "skipped"):
             print(_tail(log, 25), flush=True)

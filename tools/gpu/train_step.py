@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools.gpu.common import SectionContext, SectionResult, device, init_single_rank
+from tools.gpu.common import SectionContext, SectionResult, device, init_single_rank, kill_tree
 from tools.gpu.fixtures import ensure_fixtures
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,7 +86,7 @@ def finish_launch(ctx, mode: str, launch, res: SectionResult) -> Path | None:
     try:
         code = proc.wait(timeout=max(10.0, ctx.time_left() - 10))
     except subprocess.TimeoutExpired:
-        proc.kill()
+        kill_tree(proc)  # the agent and its workers (they run in sessions of their own)
         code = proc.wait()
     log.seek(0)
     output = log.read()
