@@ -29,14 +29,26 @@ class InvalidAnswer(ValueError):
 
 @dataclass(frozen=True)
 class JudgeTask:
-    """One chat-completion request: messages, the JSON schema asked for, and the validator."""
+    """One chat-completion request: messages, the JSON schema asked for, and the validator.
+
+    ``schema=None`` sends no ``response_format`` (judges such as GPT-3.5 accept no JSON schema;
+    the benchmark protocols ask in free form). ``decode`` turns the answer text into the value
+    ``parse`` validates; by default the text is JSON. Either raises ``InvalidAnswer`` (or
+    ``json.JSONDecodeError``) on an unusable answer, which the client retries.
+    """
 
     name: str
     messages: tuple[dict[str, str], ...]
-    schema: dict[str, Any]
+    schema: dict[str, Any] | None
     parse: Callable[[Any], Any]
+    decode: Callable[[str], Any] | None = None
 
-    def response_format(self) -> dict[str, Any]:
+    def decode_text(self, text: str) -> Any:
+        return json.loads(text) if self.decode is None else self.decode(text)
+
+    def response_format(self) -> dict[str, Any] | None:
+        if self.schema is None:
+            return None
         return {
             "type": "json_schema",
             "json_schema": {"name": self.name, "schema": self.schema, "strict": True},

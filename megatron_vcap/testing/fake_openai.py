@@ -15,7 +15,9 @@ fixed ``script`` first, then drawn at random from ``faults`` (rates per behaviou
 * ``html`` — a 200 with an HTML page instead of a chat completion (a misconfigured proxy).
 
 Requests that do not ask for ``response_format`` of type ``json_schema`` are rejected with 400,
-so a client that forgets structured output fails its tests.
+so a client that forgets structured output fails its tests; ``require_schema=False`` accepts
+free-form requests (the benchmark protocols' judges). An ``answer`` callable may return a dict
+(sent as JSON) or a string (sent verbatim as the message content).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class FakeOpenAIServer:
         seed: int = 0,
         answer: Callable[[dict[str, Any]], dict[str, Any]] = oracle_answer,
         hang_s: float = 30.0,
+        require_schema: bool = True,
     ):
         for b in [*(script or []), *(faults or {})]:
             if b not in BEHAVIOURS:
@@ -109,6 +112,7 @@ class FakeOpenAIServer:
         self.faults = dict(faults or {})
         self.answer = answer
         self.hang_s = hang_s
+        self.require_schema = require_schema
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -207,7 +211,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, f"no route {self.path}")
         fmt = body.get("response_format") or {}
         spec = fmt.get("json_schema")
-        if fmt.get("type") != "json_schema" or not isinstance(spec, dict) or "schema" not in spec:
+        bad_fmt = (
+            fmt.get("type") != "json_schema" or not isinstance(spec, dict) or "schema" not in spec
+        )
+        if owner.require_schema and bad_fmt:
             return self._error(400, "response_format of type json_schema is required")
         behaviour = owner.next_behaviour()
         with owner._lock:
@@ -253,7 +260,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif behaviour == "invalid":
             content = json.dumps({"verdicts": "all of them", "events": 3, "coverage": 99})
         else:
-            content = json.dumps(owner.answer(body))
+            answer = owner.answer(body)
+            content = answer if isinstance(answer, str) else json.dumps(answer)
         self._send(
             200,
             {

@@ -133,10 +133,12 @@ class OpenAIJudge(Judge):
         body = {
             "model": self.cfg.model,
             "messages": list(task.messages),
-            "response_format": task.response_format(),
             "temperature": self.cfg.temperature,
             "max_tokens": self.cfg.max_tokens,
         }
+        fmt = task.response_format()
+        if fmt is not None:
+            body["response_format"] = fmt
         async with self._sem:
             self._count("requests")
             # The client's documented raw-request path: same endpoint, auth, timeouts and error
@@ -160,7 +162,7 @@ class OpenAIJudge(Judge):
             cached = self._cache.get(key)
             if cached is not None:
                 try:
-                    value = task.parse(json.loads(cached))
+                    value = task.parse(task.decode_text(cached))
                     self._count("cache_hits")
                     return value
                 except (ValueError, InvalidAnswer):
@@ -169,7 +171,7 @@ class OpenAIJudge(Judge):
         for attempt in range(attempts):
             try:
                 text = await self._request(task)
-                value = task.parse(json.loads(text))
+                value = task.parse(task.decode_text(text))
             except Exception as exc:
                 code, retryable, requested = _classify(exc)
                 self._count(f"errors/{code}")
