@@ -10,9 +10,15 @@
    lexical / embedding ratio. Every predicted phrase is unique, so the embedding backend encodes
    all of them (only the ground truth repeats, as it does across a GRPO group).
 3. Embedded judge: seconds per batch of 64 captions (step Escore), the CPU demo's judge.
+4. Parser on adversarial responses (``--parse-only`` runs just this): for each size in
+   ``--parse-chars`` and each shape (whitespace runs after ``<`` and after "Subject", thousands
+   of "Subject N" lines, many unclosed and nested tags, long marker runs), the seconds one
+   ``parse_response`` takes, against the target of 50 ms per 100k characters. The baseline is a
+   well-formed response of the same size parsed in the same process (ratio adversarial / plain:
+   a linear parser stays near 1x; the regex parser of issue 14 took 65 s at 64k).
 
 Usage: ``python tools/bench_rewards.py [--n 512] [--latency 0.2] [--concurrency 64]
-[--skip-judge] [--skip-tscore] [--skip-embedded]``
+[--skip-judge] [--skip-tscore] [--skip-embedded] [--parse-only] [--parse-chars 64000,100000]``
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-judge", action="store_true")
     p.add_argument("--skip-tscore", action="store_true")
     p.add_argument("--skip-embedded", action="store_true")
+    p.add_argument("--parse-only", action="store_true", help="only the adversarial parser bench")
+    p.add_argument("--parse-chars", default="16000,64000,100000",
+                   help="comma-separated response sizes for the parser bench")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -244,9 +253,61 @@ def bench_embedded() -> None:
           + f" (mean {sum(per_batch) / len(per_batch):.2f})")  # fmt: skip
 
 
+# ------------------------------------------------------------------ 4. adversarial parsing
+def _fit(text: str, chars: int) -> str:
+    return text[:chars] if len(text) >= chars else text + " " * (chars - len(text))
+
+
+def adversarial_responses(chars: int) -> dict[str, str]:
+    """Responses of exactly ``chars`` characters in the shapes that made the regex parser slow."""
+    head = "<think>\nSubject 1: a dog\nAttributes: brown\nActions: runs\n"
+    tail = "</think>\n<answer>A dog runs.</answer>"
+    body = chars - len(head) - len(tail)
+    plain, i = head, 2
+    while len(plain) < chars // 2:  # well formed, then padded with blank lines
+        plain += f"Subject {i}: a dog {i}\nAttributes: brown; long tail\nActions: runs; barks\n"
+        i += 1
+    return {
+        "plain (baseline)": _fit(plain + "\n", chars - len(tail)) + tail,
+        "'<' + whitespace": head + "<" + " " * (body - 1) + tail,
+        "'< /' + whitespace": head + "<" + " " * (body // 2) + "/" + " " * (body - body // 2 - 2) + tail,
+        "'Subject' + whitespace": head + "Subject" + " " * (body - 8) + "x" + tail,
+        "'Subject #' + tabs": head + "Subject #" + "\t" * (body - 10) + "x" + tail,
+        "'Attributes' + spaces": head + "Attributes" + " " * (body - 11) + "x" + tail,
+        "'Subject N' lines": head + _fit("".join(f"Subject {i}\n" for i in range(chars)), body) + tail,
+        "unclosed tags": _fit("<think><answer>" * chars, chars),
+        "nested '<<<'": _fit("<" * chars, chars),
+        "marker run": head + "-" * (body - 1) + "x" + tail,
+    }  # fmt: skip
+
+
+def bench_parse(args) -> None:
+    from megatron_vcap.rewards.parser import parse_response
+
+    for chars in [int(c) for c in args.parse_chars.split(",") if c.strip()]:
+        shapes = adversarial_responses(chars)
+        times = {}
+        for name, text in shapes.items():
+            assert len(text) == chars, (name, len(text))
+            start = time.perf_counter()
+            failure = parse_response(text).failure
+            times[name] = time.perf_counter() - start
+            print(f"  {chars:7d} chars  {name:24s} {times[name] * 1000:10.1f} ms  ({failure})")
+        worst = max(times, key=times.get)
+        base = max(times["plain (baseline)"], 1e-6)
+        target = 0.05 * chars / 100_000
+        print(f"  {chars:7d} chars  worst: {worst} {times[worst] * 1000:.1f} ms = "
+              f"{times[worst] / base:.1f}x the plain response, {times[worst] / target:.2f}x the "
+              f"target ({target * 1000:.0f} ms)")  # fmt: skip
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.parse_only:
+        print(f"[4] parser on adversarial responses of {args.parse_chars} characters")
+        bench_parse(args)
+        return
     if not args.skip_judge:
         print(
             f"[1] judge concurrency: {args.n} responses, server latency {args.latency * 1000:.0f} ms"
@@ -258,6 +319,8 @@ def main(argv=None) -> None:
     if not args.skip_tscore:  # last: it pins this process to one core
         print(f"[2] Tscore throughput on one core: {args.n} responses, 3 subjects x 8 items each")
         bench_tscore(args)
+    print(f"[4] parser on adversarial responses of {args.parse_chars} characters")
+    bench_parse(args)
 
 
 if __name__ == "__main__":

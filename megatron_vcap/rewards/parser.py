@@ -8,6 +8,23 @@ of whitespace, numbering, case, markdown emphasis and bullet styles, and strict 
 any other arrangement yields a short, stable failure code (used as a metric key) instead of a
 guess. The caption is extracted whenever the answer block itself is well formed, so a response
 with a broken think block can still earn a caption score while its format score is 0.
+
+Cost is linear in the response length: tags and subject headers are read by a hand-written
+scanner, never by a backtracking pattern (a policy can emit ``<`` or ``Subject`` followed by
+100k spaces; the old patterns took 65 s on 64k characters, issue 14).
+
+Tolerance decisions (issue 14, item 8: tolerant wherever the structure stays unambiguous):
+
+* Free-text lines before the first ``Subject`` header inside the think block ("Let me look at
+  the video.") are ignored: nothing else can own them. A field line there is still
+  ``field_outside_subject``, and free text *after* a subject's items stays ``unexpected_line``
+  (it could be a mis-bulleted item: guessing would change the items).
+* A full-width colon (``：``, U+FF1A) separates a header from its text like ``:``; a full-width
+  semicolon (``；``) separates items like ``;`` (models that write Chinese switch to them).
+* A subject needs a description and at least one of its two fields; a missing ``Attributes`` or
+  ``Actions`` line means an empty list (Tscore then counts the ground truth's items as missed,
+  so omitting a field never pays). A subject with neither field is ``incomplete_subject``: a
+  bare header line is not a parseable subject (DESIGN.md §6 asks for at least one).
 """
 
 from __future__ import annotations
@@ -39,11 +56,15 @@ FAILURE_CODES = (
     "incomplete_subject",
 )
 
-_TAG = re.compile(r"<\s*(/?)\s*(think|answer)\s*>", re.IGNORECASE)
 # A list marker in front of a line: "-", "*", "•", "1.", "1)", "(1)", "a)" and markdown headers.
+# Linear: one greedy run, then whitespace, anchored at the line start.
 _MARKER = re.compile(r"^(?:[-*•·–—+]+|\(?\d{1,3}[.)]|\(?[a-z][.)]|#{1,6})\s+", re.IGNORECASE)
-_SUBJECT = re.compile(r"^subject\s*(?:#?\s*\d+)?\s*[:\-–—]\s*(.*)$", re.IGNORECASE)
-_FIELD = re.compile(r"^(attributes?|actions?)\s*[:\-–—]\s*(.*)$", re.IGNORECASE)
+_WS = re.compile(r"\s*")  # used only as a cursor: match(text, pos).end() skips a run once
+_SEPARATORS = ":-–—："  # between a header word and its text; "：" is the full-width colon
+_ITEM_SPLIT = re.compile("[;；]")
+_TAG_NAMES = ("think", "answer")
+_FIELD_WORDS = (("attributes", "attributes"), ("attribute", "attributes"),
+                ("actions", "actions"), ("action", "actions"))  # fmt: skip
 _EMPTY_ITEMS = {"", "none", "n/a", "na", "-", "nothing", "no attributes", "no actions"}
 
 
@@ -76,7 +97,7 @@ def _strip_marker(line: str) -> tuple[str, bool]:
 def _split_items(text: str) -> list[str]:
     """``'a; b; c.'`` -> ``['a', 'b', 'c']``; placeholder items such as 'none' are dropped."""
     items = []
-    for raw in text.split(";"):
+    for raw in _ITEM_SPLIT.split(text):
         item, _ = _strip_marker(raw)
         item = item.strip().rstrip(".").strip()
         if item.lower() not in _EMPTY_ITEMS:
@@ -84,21 +105,81 @@ def _split_items(text: str) -> list[str]:
     return items
 
 
+@dataclass(frozen=True)
+class _Tag:
+    start: int
+    end: int
+    name: str
+    close: bool
+
+
+def _scan_tags(text: str) -> list[_Tag]:
+    """Every ``<think>``, ``</ answer >``, ... tag (any case, whitespace inside), left to right.
+
+    Each character is looked at a bounded number of times: the scan from one ``<`` stops at the
+    first character that cannot continue a tag, and the next scan starts after that ``<``.
+    """
+    tags, n, pos = [], len(text), text.find("<")
+    while pos != -1:
+        j = _WS.match(text, pos + 1).end()
+        close = j < n and text[j] == "/"
+        if close:
+            j = _WS.match(text, j + 1).end()
+        for name in _TAG_NAMES:
+            if text[j : j + len(name)].lower() == name:
+                k = _WS.match(text, j + len(name)).end()
+                if k < n and text[k] == ">":
+                    tags.append(_Tag(pos, k + 1, name, close))
+                break
+        pos = text.find("<", pos + 1)
+    return tags
+
+
+def _header_text(text: str, pos: int) -> str | None:
+    """The text after a header's separator at ``pos`` (whitespace around it skipped), or None."""
+    pos = _WS.match(text, pos).end()
+    if pos >= len(text) or text[pos] not in _SEPARATORS:
+        return None
+    return text[pos + 1 :].strip()
+
+
+def _match_subject(text: str) -> str | None:
+    """``'Subject #2: a dog'`` -> ``'a dog'``; None when the line is not a subject header."""
+    if text[:7].lower() != "subject":
+        return None
+    pos = _WS.match(text, 7).end()
+    number = pos + 1 if pos < len(text) and text[pos] == "#" else pos
+    number = _WS.match(text, number).end()
+    end = number
+    while end < len(text) and text[end].isdigit():
+        end += 1
+    # "Subject #" without a number leaves the "#" to fail the separator test, as before.
+    return _header_text(text, end if end > number else pos)
+
+
+def _match_field(text: str) -> tuple[str, str] | None:
+    """``'Actions: runs; barks'`` -> ``('actions', 'runs; barks')``; None for other lines."""
+    head = text[:10].lower()
+    for word, name in _FIELD_WORDS:
+        if head.startswith(word):
+            rest = _header_text(text, len(word))
+            return None if rest is None else (name, rest)
+    return None
+
+
 def _find_blocks(text: str) -> tuple[str | None, str | None, str | None, str | None]:
     """Locate the blocks: ``(failure, think_body, answer_body, caption)``.
 
     ``caption`` is reported whenever exactly one well-ordered answer block exists.
     """
-    tags = [(m, m.group(2).lower(), bool(m.group(1))) for m in _TAG.finditer(text)]
-    opens = {
-        n: [m for m, name, close in tags if name == n and not close] for n in ("think", "answer")
-    }
-    closes = {n: [m for m, name, close in tags if name == n and close] for n in ("think", "answer")}
+    tags = _scan_tags(text)
+    opens = {n: [t for t in tags if t.name == n and not t.close] for n in _TAG_NAMES}
+    closes = {n: [t for t in tags if t.name == n and t.close] for n in _TAG_NAMES}
 
     caption = None
     a_open, a_close = opens["answer"], closes["answer"]
-    if len(a_open) == 1 and len(a_close) == 1 and a_open[0].end() <= a_close[0].start():
-        caption = text[a_open[0].end() : a_close[0].start()].strip() or None
+    if len(a_open) == 1 and len(a_close) == 1 and a_open[0].end <= a_close[0].start:
+        caption = text[a_open[0].end : a_close[0].start].strip() or None
 
     for name in ("think", "answer"):
         n_open, n_close = len(opens[name]), len(closes[name])
@@ -111,22 +192,22 @@ def _find_blocks(text: str) -> tuple[str | None, str | None, str | None, str | N
 
     t_open, t_close = opens["think"][0], closes["think"][0]
     a_open, a_close = opens["answer"][0], closes["answer"][0]
-    if a_close.start() < t_open.start():
+    if a_close.start < t_open.start:
         return "answer_before_think", None, None, caption
-    if not (t_open.start() < t_close.start() < a_open.start() < a_close.start()):
+    if not (t_open.start < t_close.start < a_open.start < a_close.start):
         return "misordered_tags", None, None, caption
-    outside = text[: t_open.start()] + text[t_close.end() : a_open.start()] + text[a_close.end() :]
+    outside = text[: t_open.start] + text[t_close.end : a_open.start] + text[a_close.end :]
     if outside.strip():
         return "text_outside_blocks", None, None, caption
-    think = text[t_open.end() : t_close.start()]
-    answer = text[a_open.end() : a_close.start()]
+    think = text[t_open.end : t_close.start]
+    answer = text[a_open.end : a_close.start]
     return None, think, answer, caption
 
 
 def _parse_think(body: str) -> tuple[list[Subject], str | None]:
     """The think block's subjects, or a failure code. Lines are read by a small state machine."""
     lines = [_strip_marker(line) for line in body.splitlines()]
-    if not any(_SUBJECT.match(text) for text, _ in lines):
+    if not any(_match_subject(text) is not None for text, _ in lines):
         return [], "no_subjects"
 
     subjects: list[Subject] = []
@@ -137,35 +218,38 @@ def _parse_think(body: str) -> tuple[list[Subject], str | None]:
     def close_subject() -> str | None:
         if current is None:
             return None
-        if current["attributes"] is None or current["actions"] is None:
+        if current["attributes"] is None and current["actions"] is None:
             return "incomplete_subject"
-        subjects.append(Subject(current["description"], current["attributes"], current["actions"]))
+        attributes, actions = current["attributes"] or [], current["actions"] or []
+        subjects.append(Subject(current["description"], attributes, actions))
         return None
 
     for text, bulleted in lines:
         if not text:
             continue
-        subject_match = _SUBJECT.match(text)
-        field_match = _FIELD.match(text)
-        if subject_match:
+        description = _match_subject(text)
+        field_match = _match_field(text) if description is None else None
+        if description is not None:
             failure = close_subject()
             if failure:
                 return [], failure
-            description = subject_match.group(1).strip().rstrip(".").strip()
+            description = description.rstrip(".").strip()
             if not description:
                 return [], "empty_subject_description"
             current = {"description": description, "attributes": None, "actions": None}
             open_field, plain_ok = None, False
-        elif field_match:
+        elif field_match is not None:
             if current is None:
                 return [], "field_outside_subject"
-            name = "attributes" if field_match.group(1).lower().startswith("attr") else "actions"
+            name, items = field_match
             if current[name] is not None:
                 return [], "duplicate_field"
-            current[name] = _split_items(field_match.group(2))
-            open_field, plain_ok = name, not field_match.group(2).strip()
+            current[name] = _split_items(items)
+            open_field, plain_ok = name, not items
         elif open_field is not None and (bulleted or plain_ok):
             current[open_field].extend(_split_items(text))
+        elif current is None:
+            continue  # preamble before the first subject: ignored (see the module docstring)
         else:
             return [], "unexpected_line"
     failure = close_subject()

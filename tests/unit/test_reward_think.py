@@ -41,8 +41,11 @@ PRED = [
 def test_format_score():
     assert compute_format_score(parse_response(render_response(GT, "A woman walks."))) == 1.0
     assert compute_format_score(parse_response("<answer>A woman walks.</answer>")) == 0.0
-    bad = "<think>Subject 1: a dog\nAttributes: x</think><answer>c</answer>"
+    bad = "<think>Subject 1: a dog</think><answer>c</answer>"  # a header with no field
     assert compute_format_score(parse_response(bad)) == 0.0
+    # Issue 14, item 8: one field is enough for a parseable subject (a missing one is empty).
+    one_field = "<think>Subject 1: a dog\nAttributes: x</think><answer>c</answer>"
+    assert compute_format_score(parse_response(one_field)) == 1.0
 
 
 def test_lexical_tokens_and_similarity_by_hand():
