@@ -9,8 +9,8 @@ any other arrangement yields a short, stable failure code (used as a metric key)
 guess. The caption is extracted whenever the answer block itself is well formed, so a response
 with a broken think block can still earn a caption score while its format score is 0.
 
-Cost is linear in the response length: tags and subject headers are read by a hand-written
-scanner, never by a backtracking pattern (a policy can emit ``<`` or ``Subject`` followed by
+Cost is linear in the response length: subject and field headers are read by hand-written
+matchers and tags by a pattern whose every match path is unique, never by a backtracking one (a policy can emit ``<`` or ``Subject`` followed by
 100k spaces; the old patterns took 65 s on 64k characters, issue 14).
 
 Tolerance decisions (issue 14, item 8: tolerant wherever the structure stays unambiguous):
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from megatron_vcap.structure import Subject
 
@@ -60,6 +61,10 @@ FAILURE_CODES = (
 # Linear: one greedy run, then whitespace, anchored at the line start.
 _MARKER = re.compile(r"^(?:[-*•·–—+]+|\(?\d{1,3}[.)]|\(?[a-z][.)]|#{1,6})\s+", re.IGNORECASE)
 _WS = re.compile(r"\s*")  # used only as a cursor: match(text, pos).end() skips a run once
+# Every way through the tag pattern is unique: an attempt at one "<" costs the length of the run
+# after it and no more. The old ``<\s*(/?)\s*`` tried every split of a whitespace run between
+# its two stars (quadratic); ``(?:/\s*)?`` can only start at a "/".
+_TAG = re.compile(r"<\s*(?:(/)\s*)?(think|answer)\s*>", re.IGNORECASE)
 _SEPARATORS = ":-–—："  # between a header word and its text; "：" is the full-width colon
 _ITEM_SPLIT = re.compile("[;；]")
 _TAG_NAMES = ("think", "answer")
@@ -105,34 +110,9 @@ def _split_items(text: str) -> list[str]:
     return items
 
 
-@dataclass(frozen=True)
-class _Tag:
+class _Span(NamedTuple):
     start: int
     end: int
-    name: str
-    close: bool
-
-
-def _scan_tags(text: str) -> list[_Tag]:
-    """Every ``<think>``, ``</ answer >``, ... tag (any case, whitespace inside), left to right.
-
-    Each character is looked at a bounded number of times: the scan from one ``<`` stops at the
-    first character that cannot continue a tag, and the next scan starts after that ``<``.
-    """
-    tags, n, pos = [], len(text), text.find("<")
-    while pos != -1:
-        j = _WS.match(text, pos + 1).end()
-        close = j < n and text[j] == "/"
-        if close:
-            j = _WS.match(text, j + 1).end()
-        for name in _TAG_NAMES:
-            if text[j : j + len(name)].lower() == name:
-                k = _WS.match(text, j + len(name)).end()
-                if k < n and text[k] == ">":
-                    tags.append(_Tag(pos, k + 1, name, close))
-                break
-        pos = text.find("<", pos + 1)
-    return tags
 
 
 def _header_text(text: str, pos: int) -> str | None:
@@ -172,9 +152,10 @@ def _find_blocks(text: str) -> tuple[str | None, str | None, str | None, str | N
 
     ``caption`` is reported whenever exactly one well-ordered answer block exists.
     """
-    tags = _scan_tags(text)
-    opens = {n: [t for t in tags if t.name == n and not t.close] for n in _TAG_NAMES}
-    closes = {n: [t for t in tags if t.name == n and t.close] for n in _TAG_NAMES}
+    opens: dict[str, list[_Span]] = {n: [] for n in _TAG_NAMES}
+    closes: dict[str, list[_Span]] = {n: [] for n in _TAG_NAMES}
+    for m in _TAG.finditer(text):
+        (closes if m.group(1) else opens)[m.group(2).lower()].append(_Span(m.start(), m.end()))
 
     caption = None
     a_open, a_close = opens["answer"], closes["answer"]
