@@ -1,12 +1,13 @@
 """``vcap eval``: evaluation entry points.
 
-``vcap eval reward`` scores greedy captions of a held-out manifest with the training rewards.
-The benchmark protocols (DREAM-1K, VDC, CAREBENCH) are not built yet and say so.
+* ``vcap eval reward`` scores greedy captions of a held-out manifest with the training rewards.
+* ``vcap eval dream1k | carebench | vdc`` run a benchmark's published protocol: captions from a
+  Megatron checkpoint (``--ckpt``, under torchrun / srun for several ranks) or made elsewhere
+  (``--predictions``), judged on an OpenAI-compatible endpoint, aggregated as the benchmark does.
+* ``vcap eval predict`` only generates the captions; ``vcap eval compare`` tabulates runs.
 """
 
 from __future__ import annotations
-
-import sys
 
 
 def run_reward(args) -> int:
@@ -31,12 +32,83 @@ def run_reward(args) -> int:
 
 
 def run_benchmark(args) -> int:
-    print(f"vcap eval {args.benchmark}: benchmark evaluation is not built yet", file=sys.stderr)
-    return 2
+    from megatron_vcap.config.loader import ConfigError
+    from megatron_vcap.eval.run import run_benchmark as run
+
+    if args.ckpt and not args.videos:
+        raise ConfigError("--ckpt: generation needs --videos DIR")
+    return run(args)
+
+
+def run_predict(args) -> int:
+    from megatron_vcap.eval.predict import predict_main
+
+    return predict_main(args)
+
+
+def run_compare(args) -> int:
+    from megatron_vcap.eval.report import compare_table
+
+    print(compare_table(args.dirs))
+    return 0
+
+
+def _data_args(p, bench: str, *, required: bool = True) -> None:
+    if bench == "vdc":
+        p.add_argument("--qa-dir", required=required, help="folder of the five VDC QA jsonl files")
+        p.add_argument("--types", default=None, help="comma list (default: all five)")
+        p.add_argument(
+            "--prompt-pools",
+            default=None,
+            help="JSON {type: [instructions]} (the official pools ship with VDC's code)",
+        )
+    else:
+        what = "DREAM-1k.jsonl" if bench == "dream1k" else "CAREBENCH JSON list"
+        p.add_argument("--annotations", required=required, help=what)
+    p.add_argument("--videos", default=None, help="folder the annotations' video names resolve in")
+    p.add_argument(
+        "--on-missing",
+        choices=("stop", "skip"),
+        default="stop",
+        help="a missing video or caption: stop with the list (default) or skip and count it",
+    )
+
+
+def _generation_args(p) -> None:
+    g = p.add_argument_group("generation (--ckpt)")
+    g.add_argument("--config", default=None, help="job YAML (model / parallel / data / rollout)")
+    g.add_argument("--frames", type=int, default=None, help="fixed frame count per video")
+    g.add_argument("--fps", type=float, default=None)
+    g.add_argument("--max-frames", type=int, default=None)
+    g.add_argument("--max-pixels", type=int, default=None, help="pixels per frame")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None, help="prompts generated together")
+    g.add_argument(
+        "--structured",
+        action="store_true",
+        help="prompt with the structured-thinking instruction instead of the benchmark's",
+    )
+    g.add_argument("overrides", nargs="*", help="section.key=value (model/parallel/data/rollout)")
+
+
+def _judge_args(p) -> None:
+    j = p.add_argument_group("judge")
+    j.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL (.../v1)")
+    j.add_argument("--judge-model", required=True)
+    j.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="variable holding the key")
+    j.add_argument("--judge-concurrency", type=int, default=32)
+    j.add_argument("--judge-timeout", type=float, default=120.0)
+    j.add_argument("--judge-retries", type=int, default=10, help="official: 10")
+    j.add_argument("--judge-backoff", type=float, default=1.0)
+    j.add_argument("--judge-temperature", type=float, default=0.0)
+    j.add_argument("--judge-max-tokens", type=int, default=1024)
+    j.add_argument("--judge-cache", default=None, help="answer cache (default OUT/judge_cache)")
+    j.add_argument("--templates", default=None, help="folder of template files to use instead")
+    j.add_argument("--max-items", type=int, default=10, help="AutoDQ items per caption")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluation: held-out rewards (DREAM-1K/VDC/CAREBENCH pending)")
+    p = sub.add_parser("eval", help="evaluation: held-out rewards, DREAM-1K, VDC, CAREBENCH")
     esub = p.add_subparsers(dest="eval_command", metavar="EVAL")
     esub.required = True
     r = esub.add_parser("reward", help="greedy captions of a manifest scored by the rewards")
@@ -47,7 +119,37 @@ def register(sub) -> None:
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("overrides", nargs="*")
     r.set_defaults(func=run_reward)
-    for name in ("dream1k", "vdc", "carebench"):
-        b = esub.add_parser(name, help=f"{name} protocol (not built yet)")
-        b.add_argument("rest", nargs="*")
-        b.set_defaults(func=run_benchmark, benchmark=name)
+    names = {"dream1k": "DREAM-1K", "carebench": "CAREBENCH", "vdc": "VDC"}
+    for bench, title in names.items():
+        b = esub.add_parser(bench, help=f"{title} with its published protocol")
+        _data_args(b, bench)
+        src = b.add_mutually_exclusive_group(required=True)
+        src.add_argument("--ckpt", default=None, help="Megatron checkpoint (training or converted)")
+        src.add_argument("--predictions", default=None, help="captions made elsewhere (JSONL)")
+        b.add_argument("--out", required=True, help="output folder")
+        if bench == "vdc":
+            b.add_argument(
+                "--vdc-aggregation",
+                choices=("official", "unbiased"),
+                default="official",
+                help="shown first: official drops zero-score videos, unbiased keeps them",
+            )
+        _judge_args(b)
+        _generation_args(b)
+        b.set_defaults(func=run_benchmark, benchmark=bench, predictions_only=False)
+    pr = esub.add_parser("predict", help="only generate a benchmark's captions (--ckpt)")
+    pr.add_argument("benchmark", choices=tuple(names))
+    pr.add_argument("--annotations", default=None, help="DREAM-1K / CAREBENCH file")
+    pr.add_argument("--qa-dir", default=None, help="VDC QA folder")
+    pr.add_argument("--types", default=None)
+    pr.add_argument("--prompt-pools", default=None)
+    pr.add_argument("--videos", required=True)
+    pr.add_argument("--on-missing", choices=("stop", "skip"), default="stop")
+    pr.add_argument("--ckpt", required=True)
+    pr.add_argument("--out", required=True, help="output folder (predictions.jsonl)")
+    pr.add_argument("--templates", default=None)
+    _generation_args(pr)
+    pr.set_defaults(func=run_predict)
+    c = esub.add_parser("compare", help="table of runs with deltas against the first")
+    c.add_argument("dirs", nargs="+", help="--out folders (or folders of them)")
+    c.set_defaults(func=run_compare)
