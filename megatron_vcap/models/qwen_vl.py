@@ -203,6 +203,7 @@ class QwenVLModel(MegatronModule):
         inference_context=None,
         runtime_gather_output: bool | None = None,
         video_index: torch.Tensor | None = None,
+        packed_seq_params=None,
     ) -> torch.Tensor:
         """input_ids [B, Sq], position_ids [3, B, Sk] (mRoPE), attention_mask [B, Sk] (1 = real
         token; or a Megatron mask [B, 1, Sq|1, Sk], True = masked, to which causality is added).
@@ -213,6 +214,10 @@ class QwenVLModel(MegatronModule):
         ``video_index`` (int [n]): the videos in ``pixel_values_videos`` are distinct and the
         sequence uses video ``video_index[k]`` at its k-th video placeholder, so rows sharing a
         video (the G samples of a GRPO prompt) encode it once; gradients add up over the uses.
+
+        ``packed_seq_params`` (THD, see ``rl/packing.py``): ``input_ids`` [1, N] hold several
+        sequences back to back with their own mRoPE ``position_ids`` [3, 1, N]; attention stays
+        inside each ``cu_seqlens`` segment; no ``attention_mask`` then.
         """
         decoder_input = None
         if self.pre_process:
@@ -228,6 +233,7 @@ class QwenVLModel(MegatronModule):
             labels=labels,
             inference_context=inference_context,
             runtime_gather_output=runtime_gather_output,
+            packed_seq_params=packed_seq_params,
         )
 
 

@@ -168,7 +168,10 @@ class CausalSDPAttention(_SDPACoreAttention):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
-        assert packed_seq_params is None and attention_bias is None, "unpacked, no bias"
+        assert attention_bias is None, "no attention bias"
+        if packed_seq_params is not None:
+            assert attention_mask is None, "packed sequences carry their own (segment) mask"
+            return self._attend_packed(query, key, value, packed_seq_params)
         sq, sk = query.size(0), key.size(0)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
         mask = None
@@ -186,6 +189,33 @@ class CausalSDPAttention(_SDPACoreAttention):
             enable_gqa=True,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, q.size(0), -1)
+
+    def _attend_packed(self, query, key, value, packed_seq_params: PackedSeqParams):
+        """THD-packed rows ([t, heads|groups, d], ``cu_seqlens_q`` segments): causal attention
+        inside each segment, i.e. a block-diagonal causal mask applied block by block (segments
+        of equal length batched together), so no [t, t] mask is materialised. -> [t, heads*d]."""
+        assert packed_seq_params.qkv_format == "thd", packed_seq_params.qkv_format
+        cu = packed_seq_params.cu_seqlens_q.tolist()
+        if packed_seq_params.cu_seqlens_kv.tolist() != cu:
+            raise ValueError("packed attention: query and key segments must be the same")
+        starts = torch.tensor(cu[:-1])
+        lengths = torch.tensor(cu[1:]) - starts
+        out = query.new_empty(query.shape)
+        for length in lengths.unique().tolist():
+            if length == 0:
+                continue
+            rows = (starts[lengths == length][:, None] + torch.arange(length)).to(query.device)
+            q, k, v = (x[rows].transpose(1, 2) for x in (query, key, value))  # [n, h, L, d]
+            out[rows] = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                is_causal=True,
+                scale=self.softmax_scale,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=True,
+            ).transpose(1, 2)
+        return out.reshape(out.size(0), -1)
 
 
 def build_layer_spec(

@@ -24,6 +24,10 @@ class GRPOConfig:
     updates_per_batch: int = 1
     # Keep the frozen reference weights on CPU between reference log-prob passes.
     reference_on_cpu: bool = True
+    # Truncated importance sampling: weight each token's policy-gradient term by
+    # min(pi_trainer / pi_sampler, tis_cap) when the rollout engine's log-probs differ from the
+    # trainer's (bf16 KV-cached decode vs full forward; see rollout/logp_gap_*). null = off.
+    tis_cap: float | None = None
 
     def validate(self) -> None:
         if self.group_size < 1:
@@ -35,3 +39,5 @@ class GRPOConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.updates_per_batch < 1:
             raise ConfigError("updates_per_batch: must be >= 1")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ConfigError(f"tis_cap: must be > 0 (or null to disable), got {self.tis_cap}")

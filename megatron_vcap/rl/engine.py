@@ -11,11 +11,17 @@ ranks, so the closures multiply both back (``undo_averaging``).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
-from megatron_vcap.rl.losses import compute_grpo_loss, compute_sequence_logprobs
+from megatron_vcap.rl.losses import (
+    compute_grpo_loss,
+    compute_sequence_logprobs,
+    compute_tis_weights,
+)
+from megatron_vcap.rl.packing import PackedRows, pack_rows, unpack_BT
 from megatron_vcap.rl.records import TrainBatch
 
 
@@ -40,33 +46,69 @@ def model_vision_kwargs(mb: TrainBatch) -> dict[str, torch.Tensor]:
     return {key: torch.cat([v[key] for v in per_row if key in v], dim=0) for key in keys}
 
 
+def _pack_multiple(config, multiple: int) -> int:
+    """Packed length multiple: ``multiple`` (FP8), and the TP size under sequence parallelism
+    (the sequence is split over the tensor-parallel ranks)."""
+    if getattr(config, "sequence_parallel", False):
+        return math.lcm(multiple, config.tensor_model_parallel_size)
+    return multiple
+
+
 def run_microbatches(
     model,
     micro_batches: Sequence[TrainBatch],
-    loss_fn: Callable[[TrainBatch, torch.Tensor], tuple[torch.Tensor, dict]],
+    loss_fn: Callable[..., tuple[torch.Tensor, dict]],
     *,
     forward_only: bool,
+    pack: bool = False,
+    multiple: int = 1,
 ) -> list[dict]:
-    """Run the schedule; returns the loss closures' metric dicts (last pipeline stage only)."""
+    """Run the schedule; returns the loss closures' metric dicts (last pipeline stage only).
+
+    ``pack``: each micro-batch's rows run as one THD-packed sequence (``rl/packing.py``; its
+    length padded to ``multiple``); the closures get ``packed=`` and unpack their log-probs.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     device = next(model.parameters()).device
+    config = getattr(model, "config", None) or model.module.config
+    multiple = _pack_multiple(config, multiple)
+    packs = {}
+    if pack:
+        packs = {
+            id(mb): pack_rows(mb.tokens_BT, mb.position_ids_3BT, mb.seq_len_B, multiple=multiple)
+            for mb in micro_batches
+        }
 
     def forward_step(data_iterator, model_chunk):
         # Batches are assembled on the host; the loss closure sees the moved copy too.
-        mb = next(data_iterator).to(device)
+        host_mb = next(data_iterator)
+        mb = host_mb.to(device)
+        if not pack:
+            output = model_chunk(
+                mb.tokens_BT,
+                mb.position_ids_3BT,
+                None,
+                runtime_gather_output=False,
+                **model_vision_kwargs(mb),
+            )
+            return output, functools.partial(loss_fn, mb)
+        packed = packs[id(host_mb)].to(device)
         output = model_chunk(
-            mb.tokens_BT,
-            mb.position_ids_3BT,
+            packed.tokens_1N,
+            packed.position_ids_31N,
             None,
             runtime_gather_output=False,
+            packed_seq_params=packed.params,
             **model_vision_kwargs(mb),
         )
-        return output, functools.partial(loss_fn, mb)
+        return output, functools.partial(loss_fn, mb, packed=packed)
 
-    seq_len = max(mb.tokens_BT.shape[1] for mb in micro_batches)
-    mbs = max(mb.tokens_BT.shape[0] for mb in micro_batches)
-    config = getattr(model, "config", None) or model.module.config
+    if pack:
+        seq_len, mbs = max(p.tokens_1N.shape[1] for p in packs.values()), 1
+    else:
+        seq_len = max(mb.tokens_BT.shape[1] for mb in micro_batches)
+        mbs = max(mb.tokens_BT.shape[0] for mb in micro_batches)
     # Rows differ in length between micro-batches; pipeline p2p must then exchange shapes.
     config.variable_seq_lengths = True
     return get_forward_backward_func()(
@@ -80,30 +122,83 @@ def run_microbatches(
     )
 
 
-def token_logprobs(mb: TrainBatch, logits_BTv: torch.Tensor, *, tp_group, temperature: float):
-    """(logp_BT, entropy_BT) aligned with ``mb.tokens_BT`` from vocab-parallel logits."""
-    return compute_sequence_logprobs(
-        logits_BTv.float(), mb.tokens_BT, tp_group=tp_group, temperature=temperature
+def token_logprobs(
+    mb: TrainBatch,
+    logits_BTv: torch.Tensor,
+    *,
+    tp_group,
+    temperature: float,
+    packed: PackedRows | None = None,
+):
+    """(logp_BT, entropy_BT) aligned with ``mb.tokens_BT`` from vocab-parallel logits.
+
+    With ``packed``, ``logits_BTv`` are the packed sequence's [1, N, v]; the log-probs are
+    computed there (N tokens, not B x T) and scattered back to [B, T].
+    """
+    if packed is None:
+        return compute_sequence_logprobs(
+            logits_BTv.float(), mb.tokens_BT, tp_group=tp_group, temperature=temperature
+        )
+    logp_1N, entropy_1N = compute_sequence_logprobs(
+        logits_BTv.float(), packed.tokens_1N, tp_group=tp_group, temperature=temperature
     )
+    return unpack_BT(logp_1N, packed), unpack_BT(entropy_1N, packed)
 
 
 def logprob_loss_fn(*, tp_group, temperature: float, key: str):
     """Forward-only closure that stores each micro-batch's target log-probs under ``key``."""
 
-    def loss_fn(mb: TrainBatch, logits_BTv: torch.Tensor):
-        logp_BT, _ = token_logprobs(mb, logits_BTv, tp_group=tp_group, temperature=temperature)
+    def loss_fn(mb: TrainBatch, logits_BTv: torch.Tensor, packed=None):
+        logp_BT, _ = token_logprobs(
+            mb, logits_BTv, tp_group=tp_group, temperature=temperature, packed=packed
+        )
         return torch.zeros((), device=logp_BT.device), {key: logp_BT.detach()}
 
     return loss_fn
 
 
-def grpo_loss_fn(grpo_cfg, *, tp_group, temperature: float, normaliser: float, undo_averaging):
-    """Training closure: clipped GRPO loss of one micro-batch, scaled for Megatron's averaging."""
+def compute_logp_gap(
+    logp_BT: torch.Tensor, sampler_logp_BT: torch.Tensor, mask_BT: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """|trainer logp - sampler logp| over the masked tokens: its mean and max (0 when none).
 
-    def loss_fn(mb: TrainBatch, logits_BTv: torch.Tensor):
+    On the first update the trainer's weights are the ones that sampled, so any gap is the
+    numerics of the two engines (bf16 KV-cached decode vs the full training forward).
+    """
+    gap_BT = (logp_BT.detach().float() - sampler_logp_BT.float()).abs() * (mask_BT > 0)
+    n = (mask_BT > 0).sum().clamp(min=1)
+    return {
+        "rollout/logp_gap_mean": gap_BT.sum() / n,
+        "rollout/logp_gap_max": gap_BT.max() if gap_BT.numel() else gap_BT.new_zeros(()),
+    }
+
+
+def grpo_loss_fn(
+    grpo_cfg,
+    *,
+    tp_group,
+    temperature: float,
+    normaliser: float,
+    undo_averaging,
+    log_gap: bool = False,
+):
+    """Training closure: clipped GRPO loss of one micro-batch, scaled for Megatron's averaging.
+
+    ``log_gap`` (the first update of a rollout batch) adds the train-rollout log-prob gap
+    metrics; ``grpo_cfg.tis_cap`` weights the policy-gradient term by truncated importance
+    weights of the trainer's old policy over the sampler's.
+    """
+
+    def loss_fn(mb: TrainBatch, logits_BTv: torch.Tensor, packed=None):
         logp_BT, entropy_BT = token_logprobs(
-            mb, logits_BTv, tp_group=tp_group, temperature=temperature
+            mb, logits_BTv, tp_group=tp_group, temperature=temperature, packed=packed
         )
+        tis_weight_BT = None
+        if grpo_cfg.tis_cap is not None:
+            if mb.sampler_logp_BT is None:
+                raise ValueError("grpo.tis_cap: needs the sampler's log-probs in the batch")
+            old_BT = logp_BT if mb.old_logp_BT is None else mb.old_logp_BT
+            tis_weight_BT = compute_tis_weights(old_BT, mb.sampler_logp_BT, cap=grpo_cfg.tis_cap)
         loss, metrics = compute_grpo_loss(
             logp_BT,
             mb.old_logp_BT,
@@ -117,7 +212,15 @@ def grpo_loss_fn(grpo_cfg, *, tp_group, temperature: float, normaliser: float, u
             aggregation=grpo_cfg.loss_aggregation,
             normaliser=normaliser,
             entropy_BT=entropy_BT.detach(),
+            tis_weight_BT=tis_weight_BT,
         )
+        if log_gap and mb.sampler_logp_BT is not None:
+            metrics.update(compute_logp_gap(logp_BT, mb.sampler_logp_BT, mb.loss_mask_BT))
+        if tis_weight_BT is not None:
+            valid_BT = mb.loss_mask_BT > 0
+            metrics["tis_weight_mean"] = (tis_weight_BT * valid_BT).sum() / valid_BT.sum().clamp(
+                min=1
+            )
         metrics["loss"] = loss.detach()
         return loss * undo_averaging, metrics
 
@@ -127,8 +230,10 @@ def grpo_loss_fn(grpo_cfg, *, tp_group, temperature: float, normaliser: float, u
 def sft_loss_fn(*, tp_group, normaliser: float, undo_averaging):
     """Token-mean cross-entropy over the global batch's target tokens."""
 
-    def loss_fn(mb: TrainBatch, logits_BTv: torch.Tensor):
-        logp_BT, _ = token_logprobs(mb, logits_BTv, tp_group=tp_group, temperature=1.0)
+    def loss_fn(mb: TrainBatch, logits_BTv: torch.Tensor, packed=None):
+        logp_BT, _ = token_logprobs(
+            mb, logits_BTv, tp_group=tp_group, temperature=1.0, packed=packed
+        )
         nll = -(logp_BT * mb.loss_mask_BT).sum()
         loss = nll / normaliser
         n = mb.loss_mask_BT.sum()
@@ -153,7 +258,7 @@ def reduce_microbatch_metrics(outputs: Sequence[dict]) -> dict[str, float]:
             result["num_tokens"] = total_tokens
         elif key == "loss":
             result["loss"] = sum(float(o["loss"]) for o in outputs)
-        elif key in ("ratio_max",):
+        elif key in ("ratio_max", "rollout/logp_gap_max"):
             result[key] = max(float(o[key]) for o in outputs)
         elif key in ("ratio_min",):
             result[key] = min(float(o[key]) for o in outputs)

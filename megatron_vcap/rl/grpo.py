@@ -93,6 +93,8 @@ class GRPOController:
                     seed=self._rollout_seed + 7919 * step + start,
                     share_prefix=self.cfg.rollout.share_prefix,
                     tp_group=self.ctx.tp_group,
+                    # The train-rollout log-prob gap (and grpo.tis_cap) compare against these.
+                    return_logprobs=True,
                 )
                 for out in part:
                     out.prompt_index += start
@@ -144,7 +146,9 @@ class GRPOController:
             tp_group=self.ctx.tp_group, temperature=self.temperature, key="logp"
         )
         with torch.no_grad():
-            outputs = run_microbatches(model, micro_batches, loss_fn, forward_only=True)
+            outputs = run_microbatches(
+                model, micro_batches, loss_fn, forward_only=True, **self._packing()
+            )
         if self.ctx.is_last_stage:
             for mb, out in zip(micro_batches, outputs):
                 setattr(mb, field, out["logp"])
@@ -168,7 +172,8 @@ class GRPOController:
             rewards_B, valid_B = packed.cpu()
         return rewards_B.float(), valid_B.bool(), results
 
-    def update(self, micro_batches) -> dict[str, float]:
+    def update(self, micro_batches, *, first: bool = True) -> dict[str, float]:
+        """One optimizer step; ``first`` (the batch's first update) logs the log-prob gap."""
         grpo = self.cfg.grpo
         normaliser = compute_loss_normaliser(
             [mb.loss_mask_BT for mb in micro_batches],
@@ -184,9 +189,10 @@ class GRPOController:
             # No CP factor: Megatron's schedule already multiplies the loss by the CP size
             # (context_parallel_size > 1 is refused by validate_job until CP is built).
             undo_averaging=len(micro_batches) * self.ctx.dp_size,
+            log_gap=first,
         )
         outputs = run_microbatches(
-            self.bundle.ddp_model, micro_batches, loss_fn, forward_only=False
+            self.bundle.ddp_model, micro_batches, loss_fn, forward_only=False, **self._packing()
         )
         metrics = reduce_microbatch_metrics(outputs)
         metrics.update(optimizer_step(self.bundle))
@@ -238,8 +244,12 @@ class GRPOController:
             mb.loss_mask_BT = mb.loss_mask_BT * valid_B[rows].float()[:, None]
             start += mb.num_samples
         with timer.phase("update"):
-            for _ in range(grpo.updates_per_batch):
-                metrics = self.update(micro_batches)
+            gap = {}
+            for i in range(grpo.updates_per_batch):
+                metrics = self.update(micro_batches, first=i == 0)
+                if i == 0:
+                    gap = {k: v for k, v in metrics.items() if k.startswith("rollout/logp_gap")}
+            metrics.update(gap)
         self._log_rollouts(rollouts, rewards_B, adv_B, valid_B, step)
         metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
         metrics["response_len"] = sum(o.num_tokens for o in rollouts.outputs) / max(
@@ -274,6 +284,9 @@ class GRPOController:
                 )
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _packing(self) -> dict:
+        return dict(pack=self.cfg.train.pack_sequences, multiple=sequence_multiple(self.cfg.model))
 
     def _mp_group(self):
         from megatron.core import parallel_state as ps

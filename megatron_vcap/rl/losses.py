@@ -27,6 +27,7 @@ __all__ = [
     "compute_kl",
     "compute_loss_normaliser",
     "compute_sequence_logprobs",
+    "compute_tis_weights",
     "compute_token_logprobs_and_entropy",
     "compute_vocab_parallel_logprobs_and_entropy",
 ]
@@ -114,11 +115,13 @@ def compute_grpo_loss(
     aggregation: str = "token_mean",
     normaliser: float,
     entropy_BT: torch.Tensor | None = None,
+    tis_weight_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-surrogate GRPO loss with a KL penalty to the reference policy.
 
-    Per token: ``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) + kl_beta * KL`` with
-    ``r = exp(logp - old_logp)``. ``old_logp_BT=None`` means one update per rollout batch:
+    Per token: ``w * max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) + kl_beta * KL`` with
+    ``r = exp(logp - old_logp)`` and ``w = tis_weight_BT`` (truncated importance weights of the
+    trainer's old policy over the sampler, :func:`compute_tis_weights`; 1 when not given). ``old_logp_BT=None`` means one update per rollout batch:
     ``r = exp(logp - logp.detach())`` is 1 with the policy-gradient gradient. The per-token terms
     are reduced by ``aggregation`` and divided by ``normaliser`` (see the module docstring).
 
@@ -140,6 +143,8 @@ def compute_grpo_loss(
     surr_BT = -adv_B1 * ratio_BT
     surr_clipped_BT = -adv_B1 * ratio_BT.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
     pg_BT = torch.maximum(surr_BT, surr_clipped_BT)
+    if tis_weight_BT is not None:
+        pg_BT = pg_BT * tis_weight_BT.detach().to(pg_BT.dtype)
     per_token_BT = pg_BT
     kl_BT = None
     if ref_logp_BT is not None and kl_beta > 0:
@@ -173,6 +178,24 @@ def compute_grpo_loss(
         if entropy_BT is not None:
             metrics["entropy_mean"] = mean(entropy_BT)
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def compute_tis_weights(
+    old_logp_BT: torch.Tensor, sampler_logp_BT: torch.Tensor, *, cap: float
+) -> torch.Tensor:
+    """Truncated importance weights ``min(exp(old_logp - sampler_logp), cap)``, detached.
+
+    The rollout engine samples from its own numerics (e.g. a bf16 KV-cached decode) while the
+    surrogate's ratio is taken against the trainer's full forward of the same weights; the
+    weight corrects the policy gradient for that mismatch, truncated at ``cap`` to bound the
+    variance (truncated importance sampling). The log-ratio is clamped like the policy ratio.
+    """
+    if cap <= 0:
+        raise ValueError(f"cap: must be > 0, got {cap}")
+    log_w_BT = (old_logp_BT.detach() - sampler_logp_BT.detach()).clamp(
+        -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP
+    )
+    return torch.exp(log_w_BT).clamp(max=cap)
 
 
 class _LogProbEntropy(torch.autograd.Function):

@@ -73,6 +73,8 @@ class TrainBatch:
     vision: list[dict[str, Any]] = field(default_factory=list)
     old_logp_BT: torch.Tensor | None = None
     ref_logp_BT: torch.Tensor | None = None
+    # The rollout sampler's log-probs of the response tokens (0 elsewhere), when it gave them.
+    sampler_logp_BT: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -154,6 +156,8 @@ def build_train_batch(
     tokens_BT = torch.full((B, width), pad_token_id, dtype=torch.long)
     position_ids_3BT = torch.zeros(3, B, width, dtype=torch.long)
     loss_mask_BT = torch.zeros(B, width, dtype=torch.float32)
+    with_sampler = bool(rollouts) and all(r.sampler_logp_R is not None for r in rollouts)
+    sampler_logp_BT = torch.zeros(B, width, dtype=torch.float32) if with_sampler else None
     for b, r in enumerate(rollouts):
         prompt = prompts[r.group_index]
         S, R = prompt.length, r.response_ids_R.numel()
@@ -163,6 +167,13 @@ def build_train_batch(
         position_ids_3BT[:, b, S : S + R] = prompt.response_position_ids_3R(R)
         if r.valid:
             loss_mask_BT[b, S : S + R] = 1.0
+        if sampler_logp_BT is not None:
+            if r.sampler_logp_R.numel() != R:
+                raise ValueError(
+                    f"rollout {r.sample_id}: {r.sampler_logp_R.numel()} sampler log-probs for "
+                    f"{R} response tokens"
+                )
+            sampler_logp_BT[b, S : S + R] = r.sampler_logp_R.float().cpu()
     used = sorted({r.group_index for r in rollouts})
     remap = {old: new for new, old in enumerate(used)}
     return TrainBatch(
@@ -173,4 +184,5 @@ def build_train_batch(
         prompt_index_B=torch.tensor([remap[r.group_index] for r in rollouts]),
         seq_len_B=torch.tensor(lengths),
         vision=[prompts[i].vision_kwargs for i in used],
+        sampler_logp_BT=sampler_logp_BT,
     )

@@ -98,7 +98,12 @@ class SFTController:
                 undo_averaging=len(micro_batches) * self.ctx.dp_size,
             )
             outputs = run_microbatches(
-                self.bundle.ddp_model, micro_batches, loss_fn, forward_only=False
+                self.bundle.ddp_model,
+                micro_batches,
+                loss_fn,
+                forward_only=False,
+                pack=self.cfg.train.pack_sequences,
+                multiple=sequence_multiple(self.cfg.model),
             )
             metrics = reduce_microbatch_metrics(outputs)
             metrics.update(optimizer_step(self.bundle))

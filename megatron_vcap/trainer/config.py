@@ -22,6 +22,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     micro_batch_size: int = 1
+    # Training passes (old / reference log-probs, update) run each micro-batch's rows as one
+    # THD-packed sequence (rl/packing.py) instead of padding every row to the longest.
+    pack_sequences: bool = True
     # SFT: samples per optimizer step across all data-parallel ranks.
     global_batch_size: int = 8
     seed: int = 1234
