@@ -4,12 +4,14 @@
 ``model.safetensors.index.json`` set (files are memory-mapped; nothing else is loaded).
 :class:`SafetensorsShardWriter` writes tensors as they come into shards of bounded size and the
 index ``transformers`` expects. ``copy_hf_assets`` copies the config, tokenizer, processor and
-chat-template files a run needs.
+chat-template files a run needs; ``save_processor_files`` writes the processor files
+(``processor_config.json`` and the tokenizer) a folder lacks, so ``AutoProcessor`` loads it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from safetensors.torch import save_file
 
 from megatron_vcap.config.loader import ConfigError
 from megatron_vcap.convert.mapping import normalize_hf_name
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -38,6 +42,9 @@ ASSET_PATTERNS = (
     "chat_template.json",
     "chat_template.jinja",
 )
+# Either one lets ``AutoProcessor`` build the image + video processors.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
 class HFWeightReader:
@@ -127,3 +134,51 @@ def copy_hf_assets(src_dir: str | Path, dst_dir: str | Path) -> list[str]:
     if "config.json" not in copied:
         raise ConfigError(f"{src}: no config.json to copy")
     return copied
+
+
+def has_processor_files(model_dir: str | Path) -> bool:
+    d = Path(model_dir)
+    return any((d / f).is_file() for f in PROCESSOR_FILES)
+
+
+def save_processor_files(
+    model_dir: str | Path,
+    hf_config,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> Path:
+    """Write the Qwen-VL processor of ``model_dir`` (its tokenizer + image/video processors with
+    the vision tower's patch, temporal patch and merge sizes) as ``processor_config.json``.
+
+    Pixel limits default to the Qwen-VL processors' own. The tokenizer must already be there.
+    """
+    from transformers import (
+        AutoTokenizer,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"{model_dir}: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    vision = hf_config.vision_config
+    kwargs = {
+        "patch_size": vision.patch_size,
+        "temporal_patch_size": vision.temporal_patch_size,
+        "merge_size": vision.spatial_merge_size,
+    }
+    if min_pixels is not None and max_pixels is not None:
+        kwargs["size"] = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    cls = Qwen2VLProcessor if hf_config.model_type == "qwen2_vl" else Qwen2_5_VLProcessor
+    processor = cls(
+        image_processor=Qwen2VLImageProcessor(**kwargs),
+        video_processor=Qwen2VLVideoProcessor(**kwargs),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+    )
+    processor.save_pretrained(str(model_dir))
+    return model_dir / "processor_config.json"

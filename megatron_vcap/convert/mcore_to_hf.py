@@ -5,12 +5,14 @@ which uses the same layout), at whatever TP/PP it was saved: the checkpoint stor
 so a single process asks for one layer's tensors at a time (the language model's layers are
 stacked along a leading axis, and one chunk of it is read) and passes them through the mapping
 table into safetensors shards. Peak memory is about one output shard plus one layer. The config,
-tokenizer and processor files come from ``<ckpt>/hf/``.
+tokenizer and processor files come from ``<ckpt>/hf/``; where those hold no processor files,
+default Qwen-VL ones are written (with a warning), so every export loads with ``AutoProcessor``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -24,8 +26,15 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from megatron_vcap.config.loader import ConfigError
 from megatron_vcap.convert import mapping
 from megatron_vcap.convert.checkpoint import HF_ASSETS_SUBDIR
-from megatron_vcap.convert.hf_io import SafetensorsShardWriter, copy_hf_assets
+from megatron_vcap.convert.hf_io import (
+    SafetensorsShardWriter,
+    copy_hf_assets,
+    has_processor_files,
+    save_processor_files,
+)
 from megatron_vcap.models.hf_config import describe_hf_config, load_hf_config
+
+log = logging.getLogger(__name__)
 
 _LM_LAYER = re.compile(re.escape(mapping.LM_LAYER_PREFIX) + r"(\d+)\.(.+)")
 _VISION_BLOCK = re.compile(r"vision\.blocks\.(\d+)\.")
@@ -124,7 +133,8 @@ def convert_mcore_to_hf(
     """Write ``out_dir`` with safetensors shards + config/tokenizer/processor files."""
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     _check_backend(ckpt_dir)
-    spec = describe_hf_config(load_hf_config(ckpt_dir / HF_ASSETS_SUBDIR))
+    hf_config = load_hf_config(ckpt_dir / HF_ASSETS_SUBDIR)
+    spec = describe_hf_config(hf_config)
     metadata = dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
     rules = mapping.build_rules(spec)
     if spec.tie_word_embeddings:  # the embedding is written once, under its HF name
@@ -148,6 +158,14 @@ def convert_mcore_to_hf(
                 dtypes.add(tensor.dtype)
     writer.close()
     copy_hf_assets(ckpt_dir / HF_ASSETS_SUBDIR, out_dir)
+    if not has_processor_files(out_dir):
+        log.warning(
+            "%s has no processor files; writing default Qwen-VL ones to %s (check the pixel "
+            "limits in processor_config.json against the ones the model was trained with)",
+            ckpt_dir / HF_ASSETS_SUBDIR,
+            out_dir,
+        )
+        save_processor_files(out_dir, hf_config)
     _sync_config_dtype(out_dir / "config.json", dtypes)
     return out_dir
 

@@ -44,9 +44,12 @@ def recipe_path() -> Path:
 
 
 def build_model_dir(out: Path, tokenizer_dir: Path, s: DemoSettings) -> Path:
-    """A Hugging Face-style model directory: tiny Qwen2.5-VL config + the synthetic tokenizer."""
+    """A Hugging Face-style model directory: tiny Qwen2.5-VL config, the synthetic tokenizer and
+    the processor files (the recipe's pixel limits), so exports load with ``AutoProcessor``."""
+    import yaml
     from transformers import AutoTokenizer
 
+    from megatron_vcap.convert.hf_io import save_processor_files
     from megatron_vcap.data.prompts import special_token_ids
     from megatron_vcap.models.presets import tiny_hf_config
 
@@ -78,6 +81,10 @@ def build_model_dir(out: Path, tokenizer_dir: Path, s: DemoSettings) -> Path:
         vision_fullatt_block_indexes=[s.vision_depth - 1],
     )
     config.save_pretrained(str(model_dir))
+    data = yaml.safe_load(recipe_path().read_text())["data"]
+    save_processor_files(
+        model_dir, config, min_pixels=data["min_pixels"], max_pixels=data["max_pixels"]
+    )
     return model_dir
 
 

@@ -204,6 +204,8 @@ class CheckpointManager:
         """Restore model, optimizer, scheduler; returns (trainer_state, this rank's state)."""
         from megatron.core import dist_checkpointing
 
+        from megatron_vcap.trainer.optim import restore_scheduler
+
         ckpt_dir = Path(ckpt_dir)
         if not (ckpt_dir / META_FILE).is_file():
             raise ValueError(f"{ckpt_dir}: not a complete training checkpoint (no {META_FILE})")
@@ -220,9 +222,7 @@ class CheckpointManager:
         trainer = dist_checkpointing.load_common_state_dict(str(ckpt_dir))["trainer"]
         if trainer.get("adam_step") is not None:
             _set_adam_step(bundle.optimizer, trainer["adam_step"])
-        # Megatron's scheduler *adds* the saved step count to its own; start it from zero.
-        bundle.scheduler.num_steps = 0
-        bundle.scheduler.load_state_dict(trainer["scheduler"])
+        restore_scheduler(bundle.scheduler, trainer["scheduler"])
         rank = dist.get_rank() if dist.is_initialized() else 0
         rank_file = ckpt_dir / "rank_state" / f"rank_{rank:05d}.pt"
         if meta["world_size"] != world or not rank_file.is_file():

@@ -13,6 +13,7 @@ synthetic MP4s, the synthetic tokenizer):
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 from megatron_vcap.parallel.multiprocess import run_on_ranks
 
 GROUP = 4
+SFT_LR, SFT_MIN_LR = 1e-3, 1e-4  # SFT_LR is _overrides' train.lr
 
 
 def toy_reward(response: str, request) -> float:
@@ -150,15 +152,20 @@ def _resume_runs(ws: dict) -> dict:
 
 
 def _sft_run(ws: dict) -> None:
+    """SFT under a cosine schedule, 3 steps, then extended to 5 by a relaunch."""
     from megatron_vcap.config.job import load_job_config
     from megatron_vcap.trainer.train import train_main
 
-    overrides = _overrides(ws, Path(ws["root"]) / "sft", 4) + [
-        "train.mode=sft",
-        "train.global_batch_size=4",
-        "train.micro_batch_size=1",
-    ]
-    train_main(load_job_config(recipe_path(), overrides, world_size=2))
+    for steps in (3, 5):
+        overrides = _overrides(ws, Path(ws["root"]) / "sft", steps) + [
+            "train.mode=sft",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=1",
+            "train.lr_schedule=cosine",
+            f"train.min_lr={SFT_MIN_LR}",
+            "train.warmup_steps=1",
+        ]
+        train_main(load_job_config(recipe_path(), overrides, world_size=2))
 
 
 def _all_checks(ws: dict):
@@ -253,5 +260,16 @@ def test_grpo_tp2_update_and_exact_resume(workspace):
 
     # SFT on the same pipeline (micro-batches of 1, DP=2): the target NLL falls.
     sft = [json.loads(x) for x in (root / "sft/metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in sft] == [1, 2, 3, 4]
+    assert [r["step"] for r in sft] == [1, 2, 3, 4, 5]
     assert sft[-1]["nll_mean"] < sft[0]["nll_mean"], [r["nll_mean"] for r in sft]
+
+    # Extended 3 -> 5 steps: steps 1-3 used the 3-step cosine, steps 4-5 continue the config's
+    # 5-step cosine from step 3 (warmup 1: the update of step k uses the LR at k - 1).
+    def cosine(n, steps):
+        if n <= 1:
+            return SFT_LR * n
+        t = (n - 1) / (steps - 1)
+        return SFT_MIN_LR + (SFT_LR - SFT_MIN_LR) * (1 + math.cos(math.pi * t)) / 2
+
+    expected = [cosine(n, 3) for n in range(3)] + [cosine(n, 5) for n in (3, 4)]
+    assert [r["lr"] for r in sft] == pytest.approx(expected, rel=1e-9)
