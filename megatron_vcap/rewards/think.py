@@ -78,16 +78,19 @@ def compute_tscore(
 ) -> TscoreResult:
     """Think score of predicted vs ground-truth subjects (see the module docstring).
 
-    ``similarity`` is a backend with ``matrix(rows, cols) -> [len(rows), len(cols)]``.
+    ``similarity`` is a backend with ``matrix(rows, cols, kind) -> [len(rows), len(cols)]``,
+    ``kind`` one of ``"subject"``, ``"attribute"``, ``"action"`` (rows predicted, cols truth).
     """
-    sim = similarity.matrix([s.description for s in pred], [s.description for s in gt])
+    sim = similarity.matrix(
+        [s.description for s in pred], [s.description for s in gt], kind="subject"
+    )
     pairs = match_one_to_one(sim, subject_threshold)
     tp = {"attributes": 0, "actions": 0}
     for p, g, _ in pairs:
         for key in tp:
             p_items, g_items = getattr(pred[p], key), getattr(gt[g], key)
             if p_items and g_items:
-                item_sim = similarity.matrix(p_items, g_items)
+                item_sim = similarity.matrix(p_items, g_items, kind=key[:-1])
                 tp[key] += len(match_one_to_one(item_sim, item_threshold))
     counts = {
         "subjects_pred": len(pred),

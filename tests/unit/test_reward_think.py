@@ -91,9 +91,12 @@ def test_f1_edge_cases():
 
 def test_tscore_lexical_by_hand():
     # Subjects: "a woman" {woman} vs gt0 {young, woman, yellow, raincoat}: 2/5 = 0.4 >= 0.3
-    # -> matched; "a cat" matches nothing. Attributes in the pair: "black hair" ~ "long black
-    # hair" (0.8), "red umbrella" ~ "holds a red umbrella" (0.8) -> tp 2. Actions: "walking on
-    # the sidewalk" ~ "walks along the sidewalk" (0.8) -> tp 1; "jumps" matches nothing.
+    # -> matched; "a cat" matches nothing. Items (compute_item_similarity: min of weighted
+    # Dice and coverage of the truth; verbs weigh 2, particles 0.5): "black hair" ~ "long black
+    # hair" min(4/5, 2/3) = 0.667; "red umbrella" ~ "holds a red umbrella" min(4/6, 2/4) = 0.5
+    # -> tp 2. Actions: "walking on the sidewalk" {walk 2, on .5, sidewalk 1} ~ "walks along the
+    # sidewalk" {walk 2, along .5, sidewalk 1}: Dice 6/7, verb coverage 1, other words 1/1.5
+    # -> 0.667, tp 1; "jumps" matches nothing.
     # Attributes: pred 3, gt 5 -> F1 = 4/8. Actions: pred 3, gt 5 -> F1 = 2/8. Tscore = 0.375.
     res = compute_tscore(PRED, GT, LexicalSimilarity(), subject_threshold=0.3, item_threshold=0.5)
     assert res.subject_pairs == [(0, 0)]
@@ -107,7 +110,7 @@ def test_tscore_thresholds_are_respected():
     # Raising the subject threshold above 0.4 unmatches the only pair: all items become FP/FN.
     res = compute_tscore(PRED, GT, LexicalSimilarity(), subject_threshold=0.45, item_threshold=0.5)
     assert res.subject_pairs == [] and res.score == 0.0
-    # Raising the item threshold above 0.8 keeps the subject pair but no item matches.
+    # Raising the item threshold above 0.667 keeps the subject pair but no item matches.
     res = compute_tscore(PRED, GT, LexicalSimilarity(), subject_threshold=0.3, item_threshold=0.85)
     assert res.subject_pairs == [(0, 0)] and res.score == 0.0
 
