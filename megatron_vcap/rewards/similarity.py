@@ -158,7 +158,9 @@ open:closed"""
 _EXCLUSIVE = (
     _stems("red blue green yellow black white brown grey gray orange purple pink gold silver"),
     _stems("one two three four five six seven eight nine ten"),
-    frozenset("红色 蓝色 绿色 黄色 黑色 白色 棕色 灰色 橙色 紫色 粉色 金色 银色".split()),
+    frozenset(
+        re.findall(r"\S+", "红色 蓝色 绿色 黄色 黑色 白色 棕色 灰色 橙色 紫色 粉色 金色 银色")
+    ),
 )
 
 
