@@ -21,15 +21,18 @@ class ScriptedJudge:
     """``answer(body)`` for FakeOpenAIServer(require_schema=False)."""
 
     def __init__(
-        self, extract=None, verdicts=None, vdc_answers=None, vdc_verdicts=None, style=None
-    ):
+        self, extract=None, verdicts=None, vdc_answers=None, vdc_verdicts=None, style=None,
+        default=False,
+    ):  # fmt: skip
         self.extract = extract or {}  # description (as sent) -> list of items, or GARBAGE
         self.verdicts = verdicts or {}  # item -> relationship, or GARBAGE
         self.vdc_answers = vdc_answers or {}  # question -> short answer
-        self.vdc_verdicts = (
-            vdc_verdicts or {}
-        )  # (question, answer given) -> (pred, score) | GARBAGE
+        # (question, answer given) -> (pred, score) | GARBAGE
+        self.vdc_verdicts = vdc_verdicts or {}
         self.style = style or {}  # first item / description -> "fenced" | "python" | "nobrace"
+        # default: unknown descriptions give their first words as one item, unknown items are
+        # "neutral" (for captions of a random model).
+        self.default = default
         self.prompts: Counter = Counter()
 
     def _format(self, obj: dict, style: str | None) -> str:
@@ -61,6 +64,9 @@ class ScriptedJudge:
         if "\n\nEvents:\n" in desc or "\n\nStatements:\n" in desc:
             desc, listed = re.split(r"\n\n(?:Events|Statements):\n", desc, maxsplit=1)
             items = [re.sub(r"^\d+\. ", "", line) for line in listed.strip().split("\n")]
+            if self.default:
+                items_verdicts = {i: self.verdicts.get(i, "neutral") for i in items}
+                self.verdicts = {**self.verdicts, **items_verdicts}
             if any(self.verdicts[i] == GARBAGE for i in items):
                 return GARBAGE
             key = kind[:-1]
@@ -71,6 +77,9 @@ class ScriptedJudge:
                 ]
             }
             return self._format(obj, self.style.get(items[0]))
+        if self.default and desc.strip() not in self.extract:
+            words = desc.split()[:4]
+            return self._format({kind: [" ".join(words)] if words else []}, None)
         answer = self.extract[desc.strip()]
         if answer == GARBAGE:
             return GARBAGE
