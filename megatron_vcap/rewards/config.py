@@ -58,6 +58,11 @@ class RewardConfig:
 class JudgeConfig:
     kind: Literal["embedded", "openai"] = "embedded"
     base_url: str = "http://127.0.0.1:8000/v1"
+    # A file holding the base URL, written by the judge server's job
+    # (examples/slurm/judge_server.sbatch); when set, the trainer waits up to wait_s for the
+    # file and for the server to answer, and the URL in it replaces base_url.
+    base_url_file: str = ""
+    wait_s: float = 3600.0
     model: str = "Qwen2.5-72B-Instruct"
     # Name of the environment variable holding the API key (the key itself never appears here).
     api_key_env: str = "OPENAI_API_KEY"
@@ -82,6 +87,8 @@ class JudgeConfig:
             raise ConfigError(f"concurrency: must be >= 1, got {self.concurrency}")
         if self.timeout_s <= 0:
             raise ConfigError(f"timeout_s: must be > 0, got {self.timeout_s}")
+        if self.wait_s < 0:
+            raise ConfigError(f"wait_s: must be >= 0, got {self.wait_s}")
         if self.max_retries < 0:
             raise ConfigError("max_retries: must be >= 0")
         if self.backoff_s < 0:

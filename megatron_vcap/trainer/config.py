@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_vcap.config.loader import ConfigError
@@ -29,6 +29,12 @@ class TrainConfig:
     global_batch_size: int = 8
     seed: int = 1234
     run_dir: str = "runs/default"
+    # Preemption (trainer/preemption.py): these signals make every rank save a checkpoint at the
+    # next step boundary and exit with code 75; [] leaves the signals' default actions.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Leave with a checkpoint (exit 75) once the next step would end past this many minutes
+    # after the trainer started; 0: no limit. Set it below the allocation's time limit.
+    max_wall_minutes: float = 0.0
 
     def validate(self) -> None:
         if self.steps < 0:
@@ -41,6 +47,14 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.grad_clip < 0:
             raise ConfigError("grad_clip: must be >= 0 (0 disables clipping)")
+        if self.max_wall_minutes < 0:
+            raise ConfigError(f"max_wall_minutes: must be >= 0, got {self.max_wall_minutes}")
+        from megatron_vcap.trainer.preemption import parse_signals
+
+        try:
+            parse_signals(self.stop_signals)
+        except ValueError as exc:
+            raise ConfigError(str(exc).removeprefix("train.")) from None
 
 
 @dataclass

@@ -7,12 +7,20 @@ Time, data and checkpoints live here; the model/optimizer/algorithm live in the 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from megatron_vcap.config.loader import to_dict
+from megatron_vcap.trainer.judge_wait import wait_for_judge
+from megatron_vcap.trainer.preemption import (
+    EXIT_PREEMPTED,
+    REASON_NAMES,
+    REASON_NONE,
+    build_stop_guard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +152,15 @@ def train_main(cfg, *, probe_judge: bool = False) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     rank, world_size = launch_rank_and_size()
+    wait_for_judge(cfg.judge)  # judge.base_url_file: a judge server started by another job
     # The judge is probed once per launch, from the first rank.
     validate_job(cfg, world_size, probe_judge=probe_judge and rank == 0)
+    # Before any child process exists: data workers and checkpoint writers inherit the blocked
+    # stop signals, so a SIGTERM sent to every process of a Slurm step does not kill them.
+    guard = build_stop_guard(cfg.train)
     owns_process_group = not torch.distributed.is_initialized()
     ctx = init_distributed(cfg.parallel, seed=cfg.train.seed)
+    guard.device = ctx.device
     run_dir = Path(cfg.train.run_dir)
     if ctx.rank == 0:
         save_resolved_config(cfg, run_dir)
@@ -163,22 +176,35 @@ def train_main(cfg, *, probe_judge: bool = False) -> int:
     logger = MetricsLogger(
         run_dir, cfg.logging, enabled=ctx.is_logging_rank, config_dict=to_dict(cfg)
     )
+
+    def save(step: int) -> None:
+        ckpt.save(
+            step,
+            comps.bundle,
+            trainer_state={"scheduler": comps.bundle.scheduler.state_dict()},
+            rank_state={"loader": loader.state_dict()},
+        )
+
+    saved_at, stop = start, REASON_NONE
     try:
         for step in range(start, cfg.train.steps):
+            stop = guard.should_stop()  # collective: every rank stops at the same step
+            if stop:
+                preempt_save(step, saved_at, stop, guard, save)
+                break
+            t0 = time.monotonic()
             items = loader.next_batch(n_items)
             metrics = controller.step(items, step)
             metrics.update(gather_rank_metrics(loader.metrics(), ctx))
             logger.log(step + 1, metrics, prefix=cfg.train.mode)
+            guard.step_done(time.monotonic() - t0)
             done = step + 1 == cfg.train.steps
             interval = cfg.checkpoint.save_interval
             if done or (interval and (step + 1) % interval == 0):
-                ckpt.save(
-                    step + 1,
-                    comps.bundle,
-                    trainer_state={"scheduler": comps.bundle.scheduler.state_dict()},
-                    rank_state={"loader": loader.state_dict()},
-                )
+                save(step + 1)
+                saved_at = step + 1
     finally:
+        guard.close()
         logger.close()
         if service is not None:
             service.close()
@@ -186,7 +212,23 @@ def train_main(cfg, *, probe_judge: bool = False) -> int:
         if close is not None:
             close()
     destroy_distributed(process_group=owns_process_group)
-    return 0
+    return EXIT_PREEMPTED if stop else 0
+
+
+def preempt_save(step: int, saved_at: int, reason: int, guard, save) -> None:
+    """The stop agreed at the boundary after ``step`` steps: save unless that state is saved."""
+    t0 = time.monotonic()
+    if saved_at != step:
+        save(step)
+    log.warning(
+        "stopping at step %d (%s): checkpoint %s in %.1f s, %s; exit code %d",
+        step,
+        REASON_NAMES[reason],
+        "saved" if saved_at != step else "already on disk",
+        time.monotonic() - t0,
+        guard.summary(),
+        EXIT_PREEMPTED,
+    )
 
 
 def resume(cfg, ckpt, bundle, loader, save_dir: Path, find_latest) -> int:
