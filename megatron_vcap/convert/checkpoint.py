@@ -38,10 +38,17 @@ def _lm_layer_offset(model) -> int:
     return layers[0].layer_number - 1 if len(layers) else 0
 
 
-def _tp_rank_size() -> tuple[int, int]:
-    from megatron.core import parallel_state as ps
+def _tp_rank_size(model) -> tuple[int, int]:
+    """This rank's TP position from the ParallelContext (single process: rank 0 of 1)."""
+    from megatron_vcap.parallel.runtime import current_context
 
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    ctx = current_context()
+    if ctx is None:
+        tp_size = getattr(getattr(model, "config", None), "tensor_model_parallel_size", 1)
+        if tp_size != 1:
+            raise RuntimeError(f"a TP={tp_size} model needs init_distributed before loading")
+        return 0, 1
+    return ctx.tp_rank, ctx.tp_size
 
 
 def load_hf_weights(model, hf_dir: str | Path, *, progress: bool = False) -> int:
@@ -61,7 +68,7 @@ def load_hf_weights(model, hf_dir: str | Path, *, progress: bool = False) -> int
     missing = sorted(known - set(reader.names()))
     if missing:
         raise ConfigError(f"{hf_dir}: missing tensors {missing[:5]} ({len(missing)} in all)")
-    tp_rank, tp_size = _tp_rank_size()
+    tp_rank, tp_size = _tp_rank_size(model)
     offset = _lm_layer_offset(model)
     params = list(model.named_parameters())
     if progress:

@@ -262,13 +262,18 @@ class VideoLoader:
         self._consecutive_failures = 0
 
     def metrics(self) -> dict[str, float]:
+        """Samples consumed and skipped (summed over data-parallel ranks) and the epoch."""
+        from megatron_vcap.trainer.metrics import Metric
+
         epoch = self._consumed / self.stream.per_rank
         out = {
-            "data/consumed": float(self._consumed),
-            "data/epoch": epoch,
-            "data/skipped": float(sum(self._skipped.values())),
+            "data/consumed": Metric(self._consumed, "sum"),
+            "data/epoch": Metric(epoch, "mean"),
+            "data/skipped": Metric(sum(self._skipped.values()), "sum"),
         }
-        out.update({f"data/skipped/{k}": float(v) for k, v in sorted(self._skipped.items())})
+        out.update(
+            {f"data/skipped/{k}": Metric(v, "sum") for k, v in sorted(self._skipped.items())}
+        )
         return out
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_vcap.data.tokens import special_token_ids
 from megatron_vcap.data.vision import VideoInputs
 
 IGNORE_INDEX = -100
@@ -54,15 +55,6 @@ QWEN_CHAT_TEMPLATE = (
     "{% endif %}"
 )
 
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|video_pad|>",
-    "<|image_pad|>",
-)
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
@@ -72,19 +64,6 @@ class PromptInputs:
     num_video_tokens: int
     video_token_id: int
     text: str  # the rendered template, one <|video_pad|> (for logs)
-
-
-def special_token_ids(tokenizer) -> dict[str, int]:
-    """Ids of the Qwen special tokens, by name; a tokenizer lacking one is a clear error."""
-    ids = {}
-    unk = getattr(tokenizer, "unk_token_id", None)
-    for name in SPECIAL_TOKENS:
-        token_id = tokenizer.convert_tokens_to_ids(name)
-        if token_id is None or (unk is not None and token_id == unk):
-            where = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-            raise ValueError(f"tokenizer {where} has no special token {name} (not a Qwen-VL one)")
-        ids[name] = int(token_id)
-    return ids
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:

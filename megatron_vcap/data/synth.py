@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from megatron_vcap.data.manifest import Sample, write_manifest
+from megatron_vcap.data.tiny_tokenizer import build_tiny_tokenizer
 from megatron_vcap.data.video_io import write_mp4
-from megatron_vcap.structure import Subject
+from megatron_vcap.structure import Subject, render_response
 
 COLORS = {
     "red": (215, 40, 40),
@@ -281,6 +282,25 @@ class SynthPaths:
     tokenizer_dir: Path | None
 
 
+# The tokenizer's corpus depends only on this seed: every synthetic dataset gets the same one.
+TOKENIZER_CORPUS_SEED = 20250602
+TOKENIZER_CORPUS_SCENES = 1500
+
+
+def tokenizer_corpus(
+    num_scenes: int = TOKENIZER_CORPUS_SCENES, seed: int = TOKENIZER_CORPUS_SEED
+) -> list[str]:
+    """Texts of random scenes (structured responses and events) for the tiny tokenizer."""
+    rng = np.random.default_rng(seed)
+    texts = []
+    for _ in range(num_scenes):
+        scene = random_scene(rng, 160, 120, 4.0)
+        caption, subjects, events = describe_scene(scene)
+        texts.append(render_response(subjects, caption))
+        texts.extend(events)
+    return texts
+
+
 def make_synthetic_dataset(
     out_dir: str | os.PathLike,
     num_videos: int,
@@ -325,7 +345,5 @@ def make_synthetic_dataset(
         evaluation = write_manifest(root / "eval.jsonl", samples[num_videos - n_eval :])
     tokenizer_dir = None
     if write_tokenizer:
-        from megatron_vcap.data.tiny_tokenizer import build_tiny_tokenizer
-
-        tokenizer_dir = build_tiny_tokenizer(root / "tokenizer")
+        tokenizer_dir = build_tiny_tokenizer(root / "tokenizer", tokenizer_corpus())
     return SynthPaths(root, videos_dir, manifest, train, evaluation, tokenizer_dir)

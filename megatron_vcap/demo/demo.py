@@ -50,7 +50,7 @@ def build_model_dir(out: Path, tokenizer_dir: Path, s: DemoSettings) -> Path:
     from transformers import AutoTokenizer
 
     from megatron_vcap.convert.hf_io import save_processor_files
-    from megatron_vcap.data.prompts import special_token_ids
+    from megatron_vcap.data.tokens import special_token_ids
     from megatron_vcap.models.presets import tiny_hf_config
 
     model_dir = out / "model"

@@ -2,7 +2,7 @@
 
 ``tiny_hf_config`` gives a ``transformers`` config small enough for CPU tests but with every
 architectural feature on (GQA, QKV bias, mRoPE, 2x2 merge, Qwen2.5-VL windows with a full-attention
-block). ``build_tiny_processor`` builds a character-level tokenizer with the Qwen special tokens
+block). ``build_tiny_processor`` builds a character-level tokenizer (``build_char_tokenizer``) with the Qwen special tokens
 at the top of the vocabulary and the real HF image / video processors, without downloads.
 ``save_tiny_hf_model_dir`` writes a complete HF model directory (config, safetensors, tokenizer,
 processor, chat template) that ``transformers`` and the ``vcap convert`` CLIs load.
@@ -15,34 +15,16 @@ from typing import Literal
 
 import torch
 
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-# Printable ASCII, one token per character.
+from megatron_vcap.data.prompts import QWEN_CHAT_TEMPLATE
+from megatron_vcap.data.tokens import SPECIAL_TOKENS
+
+# Printable ASCII, one token per character; the special tokens follow at the top of the vocab.
 _CHARS = [chr(i) for i in range(32, 127)]
 MIN_TINY_VOCAB = len(_CHARS) + len(SPECIAL_TOKENS)
 
-# Qwen's chat layout, enough for text, image and video user turns.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
-
-def special_token_ids(vocab_size: int) -> dict[str, int]:
-    """The Qwen special tokens occupy the top of the vocabulary, in SPECIAL_TOKENS order."""
+def _top_of_vocab(vocab_size: int) -> dict[str, int]:
+    """Where the character tokenizer puts the special tokens: the last ids, in list order."""
     first = vocab_size - len(SPECIAL_TOKENS)
     return {tok: first + i for i, tok in enumerate(SPECIAL_TOKENS)}
 
@@ -52,7 +34,7 @@ def tiny_hf_config(arch: Literal["qwen2_vl", "qwen2_5_vl"], vocab_size: int = 12
     ``vision_config`` fields: keys prefixed ``text_`` / ``vision_`` go to the sub-config
     (``text_num_hidden_layers=4``, ``vision_depth=4``), others to the top level
     (``image_token_id=...``, ``tie_word_embeddings=True``)."""
-    ids = special_token_ids(vocab_size)
+    ids = _top_of_vocab(vocab_size)
     text = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -106,15 +88,16 @@ def tiny_hf_config(arch: Literal["qwen2_vl", "qwen2_5_vl"], vocab_size: int = 12
     return Config(text_config=text, vision_config=vision, **top)
 
 
-def build_tiny_tokenizer(vocab_size: int = 128):
-    """A character-level fast tokenizer with the Qwen special tokens at the top of the vocab."""
+def build_char_tokenizer(vocab_size: int = 128):
+    """A character-level fast tokenizer with the Qwen special tokens at the top of the vocab
+    (the ids ``tiny_hf_config`` gives them), for tiny test models of any vocabulary size."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < MIN_TINY_VOCAB:
         raise ValueError(f"vocab_size: the tiny tokenizer needs >= {MIN_TINY_VOCAB}")
     vocab = {c: i for i, c in enumerate(_CHARS)}
-    vocab.update(special_token_ids(vocab_size))
+    vocab.update(_top_of_vocab(vocab_size))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=" "))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.add_special_tokens(list(SPECIAL_TOKENS))
@@ -143,9 +126,9 @@ def build_tiny_processor(hf_config, *, max_pixels: int = 28 * 28 * 16):
     processor_cls = Qwen2VLProcessor if hf_config.model_type == "qwen2_vl" else Qwen2_5_VLProcessor
     return processor_cls(
         image_processor=Qwen2VLImageProcessor(**pixel_kwargs),
-        tokenizer=build_tiny_tokenizer(hf_config.text_config.vocab_size),
+        tokenizer=build_char_tokenizer(hf_config.text_config.vocab_size),
         video_processor=Qwen2VLVideoProcessor(**pixel_kwargs),
-        chat_template=TINY_CHAT_TEMPLATE,
+        chat_template=QWEN_CHAT_TEMPLATE,
     )
 
 

@@ -46,6 +46,8 @@ class ParallelContext:
     dp_cp_group: dist.ProcessGroup
     # DP group over gloo (object collectives, e.g. gathering metrics or loader state).
     dp_group_gloo: dist.ProcessGroup | None
+    # TP x PP: the ranks that hold one model replica (they share prompts and rewards).
+    mp_group: dist.ProcessGroup | None = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -59,6 +61,9 @@ class ParallelContext:
     def is_logging_rank(self) -> bool:
         """Last pipeline stage, first TP/CP/DP rank: where losses and metrics are complete."""
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0 and self.cp_rank == 0
+
+
+_CURRENT: ParallelContext | None = None
 
 
 def resolve_backend(cfg: ParallelConfig) -> str:
@@ -137,9 +142,19 @@ def init_distributed(cfg: ParallelConfig, seed: int = 1234, env: LaunchEnv | Non
         cp_group=ps.get_context_parallel_group(),
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         dp_group_gloo=ps.get_data_parallel_group_gloo(),
+        mp_group=ps.get_model_parallel_group(),
     )
     set_seed(seed, ctx)
+    global _CURRENT
+    _CURRENT = ctx
     return ctx
+
+
+def current_context() -> ParallelContext | None:
+    """The context of this process's latest :func:`init_distributed` (None before it and after
+    :func:`destroy_distributed`): for code that is handed a model but no context (weight loading).
+    """
+    return _CURRENT
 
 
 def destroy_distributed(process_group: bool = True) -> None:
@@ -150,6 +165,8 @@ def destroy_distributed(process_group: bool = True) -> None:
     """
     from megatron.core import parallel_state as ps
 
+    global _CURRENT
+    _CURRENT = None
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if process_group and dist.is_initialized():

@@ -85,26 +85,31 @@ def summarize_results(results: list[RewardResult]) -> dict[str, float]:
 
     Caption and total statistics skip judge-failed samples (they have no caption score); format
     and think cover every sample; a statistic with no samples is left out (not NaN, which would
-    poison averages over ranks). Keys carry no prefix (the trainer logs them under ``reward/``);
-    counts end in ``_count`` so that rank merging sums them: ``count``, ``judge_failed_count``,
-    ``judge_failure/timeout_count``, ``parse_failure/no_think_block_count``, ...
+    poison averages over ranks). Keys carry no prefix (the trainer logs them under ``reward/``):
+    ``count``, ``judge_failed_count``, ``judge_failure/timeout_count``,
+    ``parse_failure/no_think_block_count``, ... Each value is a ``Metric`` declaring its merge
+    over ranks: counts sum, means are weighted by their samples, stds are averaged.
     """
-    out: dict[str, float] = {"count": float(len(results))}
+    from megatron_vcap.trainer.metrics import Metric
+
+    out: dict[str, float] = {"count": Metric(len(results), "sum")}
     ok = [r for r in results if not r.failed]
     for name in ("format", "think", "caption", "total"):
         pool = results if name in ("format", "think") else ok
         if pool:
-            out[f"{name}_mean"], out[f"{name}_std"] = _mean_std([getattr(r, name) for r in pool])
+            mean, std = _mean_std([getattr(r, name) for r in pool])
+            out[f"{name}_mean"] = Metric(mean, "weighted_mean", len(pool))
+            out[f"{name}_std"] = Metric(std, "mean")
     coverage = [r.details["coverage"] for r in ok if "coverage" in r.details]
     if coverage:
-        out["coverage_mean"] = sum(coverage) / len(coverage)
-    out["judge_failed_count"] = float(len(results) - len(ok))
+        out["coverage_mean"] = Metric(sum(coverage) / len(coverage), "weighted_mean", len(coverage))
+    out["judge_failed_count"] = Metric(len(results) - len(ok), "sum")
     for code, n in Counter(failure_code(r.failure_reason) for r in results if r.failed).items():
-        out[f"judge_failure/{code}_count"] = float(n)
+        out[f"judge_failure/{code}_count"] = Metric(n, "sum")
     parse_failures = Counter(r.parse_failure for r in results if r.parse_failure)
-    out["parse_failed_count"] = float(sum(parse_failures.values()))
+    out["parse_failed_count"] = Metric(sum(parse_failures.values()), "sum")
     for code, n in parse_failures.items():
-        out[f"parse_failure/{code}_count"] = float(n)
+        out[f"parse_failure/{code}_count"] = Metric(n, "sum")
     return out
 
 

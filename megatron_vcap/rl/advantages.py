@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_vcap.trainer.metrics import Metric
+
 __all__ = ["compute_group_advantages", "group_ids_from_layout"]
 
 
@@ -45,8 +47,9 @@ def compute_group_advantages(
         valid_B: bool; invalid samples are excluded from the statistics and get advantage 0.
 
     Returns:
-        ``(adv_B, metrics)``: adv_B float32 with the rewards' device; metrics are plain floats
-        over valid samples (reward mean/std, fraction of groups without signal, ...).
+        ``(adv_B, metrics)``: adv_B float32 with the rewards' device; metrics are ``Metric``
+        floats over valid samples (reward mean/std, fraction of groups without signal, ...),
+        each declaring how it merges over data-parallel ranks.
     """
     if rewards_B.dim() != 1:
         raise ValueError(f"rewards_B: expected 1-D, got shape {tuple(rewards_B.shape)}")
@@ -97,13 +100,23 @@ def compute_group_advantages(
     adv_B = torch.where(informative_N[group_B] & valid_B, adv_B, torch.zeros_like(adv_B))
 
     valid_rewards = rewards[valid_B]
+    n_valid = float(valid_B.sum())
+    # Each metric declares its merge over data-parallel ranks (trainer/metrics.py).
     metrics = {
-        "reward_mean": float(valid_rewards.mean()) if valid_rewards.numel() else 0.0,
-        "reward_std": float(valid_rewards.std()) if valid_rewards.numel() > 1 else 0.0,
-        "num_valid": float(valid_B.sum()),
-        "frac_invalid": float(1.0 - weight.mean()) if num else 0.0,
+        "reward_mean": Metric(
+            float(valid_rewards.mean()) if n_valid else 0.0, "weighted_mean", n_valid
+        ),
+        "reward_std": Metric(float(valid_rewards.std()) if n_valid > 1 else 0.0, "mean"),
+        "num_valid": Metric(n_valid, "sum"),
+        "frac_invalid": Metric(float(1.0 - weight.mean()) if num else 0.0, "weighted_mean", num),
         # Groups whose valid rewards are all equal (or too few) give zero gradient.
-        "frac_groups_no_signal": float((~informative_N).double().mean()) if num_groups else 0.0,
-        "adv_abs_mean": float(adv_B[valid_B].abs().mean()) if valid_rewards.numel() else 0.0,
+        "frac_groups_no_signal": Metric(
+            float((~informative_N).double().mean()) if num_groups else 0.0,
+            "weighted_mean",
+            num_groups,
+        ),
+        "adv_abs_mean": Metric(
+            float(adv_B[valid_B].abs().mean()) if n_valid else 0.0, "weighted_mean", n_valid
+        ),
     }
     return adv_B.to(torch.float32), metrics

@@ -17,12 +17,25 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megatron_vcap.rl.losses import (
+    GRPO_METRIC_REDUCTIONS,
     compute_grpo_loss,
     compute_sequence_logprobs,
     compute_tis_weights,
 )
 from megatron_vcap.rl.packing import PackedRows, pack_rows, unpack_BT
 from megatron_vcap.rl.records import TrainBatch
+from megatron_vcap.trainer.metrics import Metric, merge_metrics
+
+# The loss closures' metrics and their reductions (weighted_mean: by the micro-batch's
+# num_tokens). ``loss`` is each micro-batch's contribution to the global-batch loss, so it sums.
+GRPO_STEP_REDUCTIONS = {
+    **GRPO_METRIC_REDUCTIONS,
+    "loss": "sum",
+    "rollout/logp_gap_mean": "weighted_mean",
+    "rollout/logp_gap_max": "max",
+    "tis_weight_mean": "weighted_mean",
+}
+SFT_STEP_REDUCTIONS = {"loss": "sum", "num_tokens": "sum", "nll_mean": "weighted_mean"}
 
 
 def model_vision_kwargs(mb: TrainBatch) -> dict[str, torch.Tensor]:
@@ -247,24 +260,16 @@ def sft_loss_fn(*, tp_group, normaliser: float, undo_averaging):
     return loss_fn
 
 
-def reduce_microbatch_metrics(outputs: Sequence[dict]) -> dict[str, float]:
-    """Token-weighted means of per-micro-batch metrics; ``loss`` is summed (contributions)."""
-    if not outputs:
-        return {}
-    total_tokens = sum(float(o.get("num_tokens", 1.0)) for o in outputs)
-    result: dict[str, float] = {}
-    for key in outputs[0]:
-        if key == "num_tokens":
-            result["num_tokens"] = total_tokens
-        elif key == "loss":
-            result["loss"] = sum(float(o["loss"]) for o in outputs)
-        elif key in ("ratio_max", "rollout/logp_gap_max"):
-            result[key] = max(float(o[key]) for o in outputs)
-        elif key in ("ratio_min",):
-            result[key] = min(float(o[key]) for o in outputs)
-        else:
-            weights = [float(o.get("num_tokens", 1.0)) for o in outputs]
-            result[key] = sum(float(o[key]) * w for o, w in zip(outputs, weights)) / max(
-                sum(weights), 1e-9
-            )
-    return result
+def reduce_microbatch_metrics(
+    outputs: Sequence[dict], reductions: dict[str, str]
+) -> dict[str, Metric]:
+    """Merge the loss closures' per-micro-batch metrics by their declared ``reductions``
+    (weighted means are weighted by each micro-batch's ``num_tokens``)."""
+    parts = []
+    for out in outputs:
+        tokens = float(out["num_tokens"])
+        undeclared = sorted(set(out) - set(reductions))
+        if undeclared:
+            raise KeyError(f"micro-batch metrics without a declared reduction: {undeclared}")
+        parts.append({k: Metric(float(v), reductions[k], tokens) for k, v in out.items()})
+    return merge_metrics(parts)

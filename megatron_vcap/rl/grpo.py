@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_vcap.rl.advantages import compute_group_advantages
 from megatron_vcap.rl.engine import (
+    GRPO_STEP_REDUCTIONS,
     grpo_loss_fn,
     logprob_loss_fn,
     reduce_microbatch_metrics,
@@ -39,7 +40,7 @@ from megatron_vcap.rl.policy import (
     sequence_multiple,
 )
 from megatron_vcap.rl.records import Rollout, build_train_batch
-from megatron_vcap.trainer.metrics import gather_rank_metrics
+from megatron_vcap.trainer.metrics import Metric, gather_rank_metrics
 from megatron_vcap.trainer.metrics_log import PhaseTimer
 from megatron_vcap.trainer.optim import optimizer_step, zero_grads
 
@@ -154,16 +155,20 @@ class GRPOController:
                 setattr(mb, field, out["logp"])
 
     def collect_rewards(self, handle, num_samples: int):
-        """Wait for the judge; broadcast (reward, valid) over the model-parallel group."""
+        """Wait for the judge; broadcast (reward, valid) over the model-parallel group.
+
+        ``valid`` is the reward service's drop policy (``loss_mask``: judge failures leave the
+        loss under ``reward.on_judge_failure: drop``)."""
         rewards_B = torch.zeros(num_samples, dtype=torch.float64)
         valid_B = torch.ones(num_samples, dtype=torch.float64)
         results = None
         if handle is not None:
+            from megatron_vcap.rewards.service import loss_mask
+
             results = handle.result()
-            drop = self.cfg.reward.on_judge_failure == "drop"
-            for i, r in enumerate(results):
-                rewards_B[i] = r.total
-                valid_B[i] = 0.0 if (r.failed and drop) else 1.0
+            rewards_B[:] = torch.tensor([r.total for r in results], dtype=torch.float64)
+            keep = loss_mask(results, self.cfg.reward.on_judge_failure)
+            valid_B[:] = torch.tensor(keep, dtype=torch.float64)
         group = self._mp_group()
         if group is not None:
             src = dist.get_global_rank(group, 0)
@@ -173,7 +178,15 @@ class GRPOController:
         return rewards_B.float(), valid_B.bool(), results
 
     def update(self, micro_batches, *, first: bool = True) -> dict[str, float]:
-        """One optimizer step; ``first`` (the batch's first update) logs the log-prob gap."""
+        """One policy update: gradients of the global-batch loss, then an optimizer step;
+        ``first`` (the batch's first update) logs the log-prob gap."""
+        metrics = self.accumulate_gradients(micro_batches, first=first)
+        metrics.update(optimizer_step(self.bundle))
+        return metrics
+
+    def accumulate_gradients(self, micro_batches, *, first: bool = True) -> dict[str, float]:
+        """Fresh gradients of the GRPO loss over the global batch (this rank's micro-batches and
+        every data-parallel rank's), reduced over data-parallel ranks by Megatron's DDP."""
         grpo = self.cfg.grpo
         normaliser = compute_loss_normaliser(
             [mb.loss_mask_BT for mb in micro_batches],
@@ -194,9 +207,7 @@ class GRPOController:
         outputs = run_microbatches(
             self.bundle.ddp_model, micro_batches, loss_fn, forward_only=False, **self._packing()
         )
-        metrics = reduce_microbatch_metrics(outputs)
-        metrics.update(optimizer_step(self.bundle))
-        return metrics
+        return reduce_microbatch_metrics(outputs, GRPO_STEP_REDUCTIONS)
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -211,7 +222,8 @@ class GRPOController:
             rollouts, lambda n: self.collect_rewards(handle, n), timer, step=step
         )
         resp_tokens = sum(o.num_tokens for o in rollouts.outputs)
-        metrics["tokens_per_s"] = resp_tokens / max(gen_seconds, 1e-9)
+        # Generation throughput of one data-parallel replica, averaged over replicas.
+        metrics["tokens_per_s"] = Metric(resp_tokens / max(gen_seconds, 1e-9), "mean")
         if results is not None:
             from megatron_vcap.rewards.service import summarize_results
 
@@ -252,8 +264,9 @@ class GRPOController:
             metrics.update(gap)
         self._log_rollouts(rollouts, rewards_B, adv_B, valid_B, step)
         metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
-        metrics["response_len"] = sum(o.num_tokens for o in rollouts.outputs) / max(
-            len(rollouts.outputs), 1
+        n_out = len(rollouts.outputs)
+        metrics["response_len"] = Metric(
+            sum(o.num_tokens for o in rollouts.outputs) / max(n_out, 1), "weighted_mean", n_out
         )
         metrics.update(timer.as_metrics())
         return metrics, results
@@ -289,11 +302,9 @@ class GRPOController:
         return dict(pack=self.cfg.train.pack_sequences, multiple=sequence_multiple(self.cfg.model))
 
     def _mp_group(self):
-        from megatron.core import parallel_state as ps
-
         if self.ctx.tp_size * self.ctx.pp_size == 1:
             return None
-        return ps.get_model_parallel_group()
+        return self.ctx.mp_group
 
     def _is_mp_leader(self) -> bool:
         return self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 __all__ = [
     "AGGREGATIONS",
+    "GRPO_METRIC_REDUCTIONS",
     "KL_ESTIMATORS",
     "compute_grpo_loss",
     "compute_kl",
@@ -34,23 +35,41 @@ __all__ = [
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-# exp() of a log-ratio beyond this is clamped: a token whose probability moved by e^20 is an
-# outlier whose update would otherwise produce inf/NaN in fp32 and poison the whole batch.
-_LOG_RATIO_CLAMP = 20.0
+# Every exponential of a log-prob difference in this file sees its argument clamped to [-20, 20]:
+# the policy ratio exp(logp - old_logp), k3's exp(ref_logp - logp) and the truncated importance
+# weight exp(old_logp - sampler_logp). A token whose probability moved by more
+# than e^20 (~5e8) is an outlier whose exp() would otherwise reach inf in fp32 (e^89) and turn the
+# whole batch's loss and gradients into NaN. Inside the clamp the gradient is exact; beyond it the
+# clamped term is constant (zero gradient through that token's ratio / k3 term).
+LOG_RATIO_CLAMP = 20.0
+
+# How each metric of compute_grpo_loss merges over micro-batches and data-parallel ranks
+# (trainer/metrics.py): means are token-weighted by ``num_tokens``.
+GRPO_METRIC_REDUCTIONS = {
+    "num_tokens": "sum",
+    "pg_loss": "weighted_mean",
+    "clip_frac": "weighted_mean",
+    "ratio_mean": "weighted_mean",
+    "ratio_max": "max",
+    "ratio_min": "min",
+    "kl_mean": "weighted_mean",
+    "entropy_mean": "weighted_mean",
+}
 
 
 def compute_kl(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from sampled-token log-probs.
 
-    k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - (ref - logp) - 1
-    (unbiased and non-negative; Schulman's estimator, the GRPO default).
+    k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(d) - d - 1 with d = ref - logp
+    (unbiased and non-negative; Schulman's estimator, the GRPO default). k3's ``d`` is clamped
+    to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] (see there); k1 and k2 need no clamp.
     """
     if estimator == "k1":
         return logp_BT - ref_logp_BT
     if estimator == "k2":
         return 0.5 * (logp_BT - ref_logp_BT) ** 2
     if estimator == "k3":
-        delta = (ref_logp_BT - logp_BT).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        delta = (ref_logp_BT - logp_BT).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         return torch.exp(delta) - delta - 1.0
     raise ValueError(f"kl_estimator: expected one of {list(KL_ESTIMATORS)}, got {estimator!r}")
 
@@ -122,11 +141,14 @@ def compute_grpo_loss(
     Per token: ``w * max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) + kl_beta * KL`` with
     ``r = exp(logp - old_logp)`` and ``w = tis_weight_BT`` (truncated importance weights of the
     trainer's old policy over the sampler, :func:`compute_tis_weights`; 1 when not given). ``old_logp_BT=None`` means one update per rollout batch:
-    ``r = exp(logp - logp.detach())`` is 1 with the policy-gradient gradient. The per-token terms
-    are reduced by ``aggregation`` and divided by ``normaliser`` (see the module docstring).
+    ``r = exp(logp - logp.detach())`` is 1 with the policy-gradient gradient. ``logp - old_logp``
+    is clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] before exp(). The per-token terms are
+    reduced by ``aggregation`` and divided by ``normaliser`` (see the module docstring).
 
     Returns ``(loss, metrics)``; metrics are detached 0-d tensors averaged over this
-    micro-batch's valid tokens (``num_tokens`` lets the caller weight them across micro-batches).
+    micro-batch's valid tokens (``num_tokens`` is their weight across micro-batches and ranks,
+    ``GRPO_METRIC_REDUCTIONS`` how each merges). Without any valid token there is no ratio to
+    report: ``ratio_max`` / ``ratio_min`` are then left out rather than reported as 1.
     """
     if logp_BT.shape != mask_BT.shape or adv_B.shape != logp_BT.shape[:1]:
         raise ValueError(
@@ -137,7 +159,7 @@ def compute_grpo_loss(
         raise ValueError("kl_beta > 0 needs ref_logp_BT (the reference policy's log-probs)")
     mask_BT = mask_BT.to(logp_BT.dtype)
     old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT.detach()
-    log_ratio_BT = (logp_BT - old_BT).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    log_ratio_BT = (logp_BT - old_BT).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio_BT = torch.exp(log_ratio_BT)
     adv_B1 = adv_B.detach().to(logp_BT.dtype)[:, None]
     surr_BT = -adv_B1 * ratio_BT
@@ -156,8 +178,6 @@ def compute_grpo_loss(
         n = mask_BT.sum()
         denom = n.clamp(min=1)
         valid_ratio = ratio_BT[mask_BT > 0]
-        if valid_ratio.numel() == 0:
-            valid_ratio = ratio_BT.new_ones(1)
 
         def mean(x_BT):
             return (x_BT * mask_BT).sum() / denom
@@ -168,9 +188,10 @@ def compute_grpo_loss(
             # Tokens where the clipped branch is active (their gradient is zero).
             "clip_frac": mean((surr_clipped_BT > surr_BT).to(mask_BT.dtype)),
             "ratio_mean": mean(ratio_BT),
-            "ratio_max": valid_ratio.max(),
-            "ratio_min": valid_ratio.min(),
         }
+        if valid_ratio.numel():
+            metrics["ratio_max"] = valid_ratio.max()
+            metrics["ratio_min"] = valid_ratio.min()
         if kl_BT is not None:
             metrics["kl_mean"] = mean(kl_BT)
         elif ref_logp_BT is not None:
@@ -193,7 +214,7 @@ def compute_tis_weights(
     if cap <= 0:
         raise ValueError(f"cap: must be > 0, got {cap}")
     log_w_BT = (old_logp_BT.detach() - sampler_logp_BT.detach()).clamp(
-        -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP
+        -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
     )
     return torch.exp(log_w_BT).clamp(max=cap)
 

@@ -13,10 +13,8 @@ import contextlib
 
 import torch
 
+from megatron_vcap.data.tokens import STOP_TOKENS, VISION_TOKENS
 from megatron_vcap.rollout.types import PromptSpec
-
-# Chat-template tokens whose appearance ends an assistant turn.
-_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 class PromptBuilder:
@@ -24,7 +22,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.hf_config = hf_config
         ids = []
-        for tok in _STOP_TOKENS:
+        for tok in STOP_TOKENS:
             tid = tokenizer.convert_tokens_to_ids(tok)
             if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
                 ids.append(tid)
@@ -36,10 +34,9 @@ class PromptBuilder:
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else ids[-1]
         # Vision placeholders are only ever inserted by the prompt builder, never generated.
-        vision_tokens = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
         self.suppress_token_ids = [
             t
-            for t in (tokenizer.convert_tokens_to_ids(v) for v in vision_tokens)
+            for t in (tokenizer.convert_tokens_to_ids(v) for v in VISION_TOKENS)
             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id
         ]
 

@@ -12,11 +12,16 @@ import time
 
 import torch
 
-from megatron_vcap.rl.engine import reduce_microbatch_metrics, run_microbatches, sft_loss_fn
+from megatron_vcap.rl.engine import (
+    SFT_STEP_REDUCTIONS,
+    reduce_microbatch_metrics,
+    run_microbatches,
+    sft_loss_fn,
+)
 from megatron_vcap.rl.losses import compute_loss_normaliser
 from megatron_vcap.rl.policy import sequence_multiple
 from megatron_vcap.rl.records import TrainBatch
-from megatron_vcap.trainer.metrics import gather_rank_metrics
+from megatron_vcap.trainer.metrics import Metric, gather_rank_metrics
 from megatron_vcap.trainer.metrics_log import PhaseTimer
 from megatron_vcap.trainer.optim import optimizer_step, zero_grads
 
@@ -105,9 +110,9 @@ class SFTController:
                 pack=self.cfg.train.pack_sequences,
                 multiple=sequence_multiple(self.cfg.model),
             )
-            metrics = reduce_microbatch_metrics(outputs)
+            metrics = reduce_microbatch_metrics(outputs, SFT_STEP_REDUCTIONS)
             metrics.update(optimizer_step(self.bundle))
             tokens = sum(int(mb.tokens_BT.numel()) for mb in micro_batches)
-            metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+            metrics["tokens_per_s"] = Metric(tokens / max(time.perf_counter() - t0, 1e-9), "mean")
         metrics.update(timer.as_metrics())
         return gather_rank_metrics(metrics, self.ctx)

@@ -35,8 +35,11 @@ class PhaseTimer:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def as_metrics(self) -> dict[str, float]:
-        return {f"time/{k}": v for k, v in self.seconds.items()}
+    def as_metrics(self) -> dict:
+        """``time/<phase>`` seconds, averaged over data-parallel ranks when merged."""
+        from megatron_vcap.trainer.metrics import Metric
+
+        return {f"time/{k}": Metric(v, "mean") for k, v in self.seconds.items()}
 
 
 class MetricsLogger:

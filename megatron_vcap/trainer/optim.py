@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_vcap.trainer.metrics import Metric
+
 log = logging.getLogger(__name__)
 
 # Scheduler state that the config decides, with the config key that sets it.
@@ -120,16 +122,17 @@ def restore_scheduler(scheduler, saved: dict) -> None:
     scheduler.step(increment=int(saved["num_steps"]))
 
 
-def optimizer_step(bundle: OptimizerBundle) -> dict[str, float]:
+def optimizer_step(bundle: OptimizerBundle) -> dict[str, Metric]:
     """One optimizer + scheduler step after gradients are reduced; returns the grad norm and
     the LR this update used (the scheduler then moves on to the next step's)."""
     lr = bundle.optimizer.param_groups[0]["lr"]
     ok, grad_norm, _ = bundle.optimizer.step()
     bundle.scheduler.step(increment=1)
+    # The gradient norm is computed after the data-parallel reduction: every rank holds the same.
     return {
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "lr": float(lr),
-        "update_skipped": float(not ok),
+        "grad_norm": Metric(float(grad_norm) if grad_norm is not None else float("nan"), "mean"),
+        "lr": Metric(lr, "mean"),
+        "update_skipped": Metric(float(not ok), "max"),
     }
 
 

@@ -89,6 +89,9 @@ def _tp_update(ws: dict, tp: int, rollouts_holder: dict) -> Path:
         # eps keeps the comparison about the gradients, not about rounding near zero.
         _overrides(ws, run_dir, 1)
         + [f"parallel.tensor_model_parallel_size={tp}", "train.adam_eps=1e-4"]
+        # The gradient check reads whole reduced gradients (the distributed optimizer would
+        # leave each rank only its shard); the TP=2 layout keeps the distributed optimizer.
+        + (["parallel.use_distributed_optimizer=false"] if tp == 1 else [])
         # One prompt per generate call: the two prompts' outputs are merged back in order.
         + ["rollout.prompts_per_batch=1"],
         world_size=2,
@@ -117,6 +120,10 @@ def _tp_update(ws: dict, tp: int, rollouts_holder: dict) -> Path:
         outputs,
         [comps.prompt_builder.decode(o.response_ids_R) for o in outputs],
     )
+    if tp == 1:
+        _check_dp_uneven_gradients(controller, comps, ctx, items, outputs)
+    else:
+        _check_collect_rewards(controller, cfg, ctx, items, outputs)
     gen = torch.Generator().manual_seed(11)
     rewards_B = torch.rand(len(outputs), generator=gen)
     valid_B = torch.ones(len(outputs), dtype=torch.bool)
@@ -137,6 +144,126 @@ def _tp_update(ws: dict, tp: int, rollouts_holder: dict) -> Path:
     # Adam's first step is ~lr * sign(grad): the weights alone would not see a gradient-scale
     # error, so the (scale-sensitive) gradient norm and loss are compared as well.
     return str(path), metrics["grad_norm"], metrics["loss"]
+
+
+def _check_dp_uneven_gradients(controller, comps, ctx, items, outputs):
+    """DP=2 ranks with different token counts, each cut into uneven micro-batches (3 + 1 rows):
+    the gradient after Megatron's schedule and DDP reduction must equal plain autograd of the
+    token-mean loss over the union of both ranks' samples. The check tells a per-rank token
+    mean apart (asserted too), which the same-data-on-every-rank comparison cannot."""
+    import dataclasses
+
+    from megatron_vcap.rl.engine import model_vision_kwargs
+    from megatron_vcap.rl.grpo import RolloutBatch
+    from megatron_vcap.rl.losses import compute_grpo_loss, compute_sequence_logprobs
+
+    adv_PG = torch.randn(2, GROUP, generator=torch.Generator().manual_seed(21))
+    specs = [comps.prompt_builder.prompt_spec(i) for i in items]
+
+    def batch_of(prompts, outs):
+        batch = controller.build_batch(
+            RolloutBatch([items[p] for p in prompts], [specs[p] for p in prompts],
+                         [dataclasses.replace(o, prompt_index=prompts.index(o.prompt_index))
+                          for o in outs], [""] * len(outs))
+        )  # fmt: skip
+        key = [(o.prompt_index, o.sample_index) for o in outs]
+        batch.adv_B = torch.tensor([float(adv_PG[p, s]) for p, s in key])
+        keep = torch.tensor([float((p, s) != (0, 1)) for p, s in key])  # a dropped sample
+        batch.loss_mask_BT = batch.loss_mask_BT * keep[:, None]
+        return batch
+
+    rank = ctx.dp_rank
+    local = batch_of([rank], [o for o in outputs if o.prompt_index == rank])
+    micro_batches = local.micro_batches(3)
+    assert [mb.num_samples for mb in micro_batches] == [3, 1]
+    cfg = controller.cfg
+    # Without the KL term (the reference equals the policy here, so it adds no gradient anyway).
+    controller.cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, kl_beta=0.0))
+    try:
+        controller.accumulate_gradients(micro_batches)
+    finally:
+        controller.cfg = cfg
+    model = comps.bundle.model
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    reduced = [p.main_grad.detach().float().clone() for _, p in named]
+
+    union = batch_of([0, 1], list(outputs))
+    logits = model(union.tokens_BT, union.position_ids_3BT, None, runtime_gather_output=False,
+                   **model_vision_kwargs(union))  # fmt: skip
+    logp_BT, _ = compute_sequence_logprobs(
+        logits.float(), union.tokens_BT, temperature=controller.temperature
+    )
+    mask_BT, adv_B = union.loss_mask_BT, union.adv_B
+    tokens = [float(mask_BT[union.prompt_index_B == p].sum()) for p in (0, 1)]
+    assert tokens[0] != tokens[1], tokens  # the ranks' token counts differ
+
+    def loss(rows, normaliser):
+        kw = dict(clip_eps_low=cfg.grpo.clip_eps_low, clip_eps_high=cfg.grpo.clip_eps_high)
+        return compute_grpo_loss(logp_BT[rows], None, None, adv_B[rows], mask_BT[rows],
+                                 normaliser=normaliser, **kw)[0]  # fmt: skip
+
+    params = [p for _, p in named]
+    everything = torch.ones(union.num_samples, dtype=torch.bool)
+    expected = torch.autograd.grad(loss(everything, sum(tokens)), params, retain_graph=True,
+                                   allow_unused=True)  # fmt: skip
+    rows = [union.prompt_index_B == p for p in (0, 1)]
+    per_rank_mean = 0.5 * (loss(rows[0], tokens[0]) + loss(rows[1], tokens[1]))
+    wrong = torch.autograd.grad(per_rank_mean, params, allow_unused=True)
+
+    def zeros_if_none(grads):
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+    expected, wrong = zeros_if_none(expected), zeros_if_none(wrong)
+    scale = max(float(g.abs().max()) for g in expected)
+    diff = max(float((a - b).abs().max()) for a, b in zip(reduced, expected))
+    wrong_diff = max(float((a - b).abs().max()) for a, b in zip(wrong, expected))
+    assert scale > 1e-6 and diff < 1e-5 * scale, (diff, scale)
+    assert wrong_diff > 1e-2 * scale, (wrong_diff, scale)  # a per-rank mean would fail above
+
+
+def _check_collect_rewards(controller, cfg, ctx, items, outputs):
+    """The real reward path at TP=2: the leader (TP rank 0) scores through a RewardService whose
+    judge, a real HTTP server, fails its first request; ``collect_rewards`` applies the drop
+    policy and broadcasts rewards and the mask over the model-parallel group, so TP rank 1, which
+    has no service, gets the leader's numbers."""
+    import torch.distributed as dist
+
+    from megatron_vcap.rewards.config import JudgeConfig
+    from megatron_vcap.rewards.service import RewardService
+    from megatron_vcap.rl.grpo import RolloutBatch
+    from megatron_vcap.structure import render_response
+    from megatron_vcap.testing.fake_openai import FakeOpenAIServer
+
+    # Well-formed responses (the tiny random model writes none), so every sample is judged.
+    texts = [
+        render_response(items[o.prompt_index].sample.subjects, items[o.prompt_index].sample.caption)
+        for o in outputs
+    ]
+    specs = [controller.prompts.prompt_spec(i) for i in items]
+    rollouts = RolloutBatch(items, specs, outputs, texts)
+    server, results = None, None
+    if ctx.tp_rank == 0:
+        server = FakeOpenAIServer(script=["http_401"]).start()
+        judge = JudgeConfig(kind="openai", base_url=server.base_url, model="m",
+                            api_key_env="VCAP_NO_SUCH_KEY", timeout_s=5.0, max_retries=1,
+                            backoff_s=0.01, max_backoff_s=0.05)  # fmt: skip
+        controller.rewards = RewardService(cfg.reward, judge)
+    try:
+        handle = controller.submit_rewards(rollouts)
+        assert (handle is None) == (ctx.tp_rank != 0)
+        rewards_B, valid_B, results = controller.collect_rewards(handle, len(outputs))
+    finally:
+        if server is not None:
+            controller.rewards.close()
+            controller.rewards = None
+            server.stop()
+    gathered = [None, None]
+    dist.all_gather_object(gathered, (rewards_B, valid_B, results), group=ctx.tp_group)
+    (r0, v0, results), (r1, v1, none) = gathered
+    assert none is None and torch.equal(r0, r1) and torch.equal(v0, v1)
+    assert v0.tolist() == [not r.failed for r in results]  # reward.on_judge_failure: drop
+    assert 1 <= sum(r.failed for r in results) < len(results), [r.failed for r in results]
+    torch.testing.assert_close(r0, torch.tensor([r.total for r in results]), rtol=0, atol=1e-6)
 
 
 def _resume_runs(ws: dict) -> dict:

@@ -54,7 +54,12 @@ def _rollout_batch(temperature: float):
 
 
 def _gap_metrics(model, batch, temperature, micro_batch_size=4):
-    from megatron_vcap.rl.engine import grpo_loss_fn, reduce_microbatch_metrics, run_microbatches
+    from megatron_vcap.rl.engine import (
+        GRPO_STEP_REDUCTIONS,
+        grpo_loss_fn,
+        reduce_microbatch_metrics,
+        run_microbatches,
+    )
 
     loss_fn = grpo_loss_fn(
         _grpo_cfg(),
@@ -68,7 +73,7 @@ def _gap_metrics(model, batch, temperature, micro_batch_size=4):
         outs = run_microbatches(
             model, batch.micro_batches(micro_batch_size), loss_fn, forward_only=True
         )
-    return reduce_microbatch_metrics(outs)
+    return reduce_microbatch_metrics(outs, GRPO_STEP_REDUCTIONS)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -3,7 +3,6 @@
 import json
 
 from megatron_vcap.config.job import LoggingConfig
-from megatron_vcap.trainer.metrics import _merge
 from megatron_vcap.trainer.metrics_log import MetricsLogger, PhaseTimer, format_console_line
 
 
@@ -50,14 +49,6 @@ def test_wandb_offline_without_key_and_key_never_written(tmp_path, monkeypatch):
             assert b"sk-secret-value-123" not in path.read_bytes(), path
 
 
-def test_rank_merge_sums_counts_and_loss():
-    merged = _merge(
-        [
-            {"loss": 0.5, "kl": 0.1, "reward/judge_failed_count": 1.0},
-            {"loss": 0.25, "kl": 0.3, "reward/judge_failed_count": 2.0, "x": 4.0},
-        ]
-    )
-    assert merged["loss"] == 0.75 and abs(merged["kl"] - 0.2) < 1e-12
-    assert merged["reward/judge_failed_count"] == 3.0 and merged["x"] == 4.0
+def test_console_line_prefix_and_format():
     line = format_console_line(3, "grpo", {"loss": 0.1})
     assert line.startswith("[grpo] step 3") and "loss 0.1000" in line

@@ -55,12 +55,12 @@ def test_pack_rows_by_hand():
 
 @pytest.fixture(scope="module")
 def vl_setup(single_rank):
+    from megatron_vcap.data.tokens import special_token_ids
     from megatron_vcap.models.config import ModelConfig
     from megatron_vcap.models.mrope import compute_mrope_position_ids
     from megatron_vcap.models.presets import (
         build_tiny_inputs,
         build_tiny_processor,
-        special_token_ids,
         synthetic_frames,
         tiny_hf_config,
     )
@@ -93,7 +93,7 @@ def vl_setup(single_rank):
         vision = {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw")}
         prompts.append(PromptSpec(inputs["input_ids"][0], pos[:, 0], int(delta[0]), vision))
     g = torch.Generator().manual_seed(3)
-    first_special = min(special_token_ids(hf_config.text_config.vocab_size).values())
+    first_special = min(special_token_ids(processor.tokenizer).values())
     rollouts = []
     for p in range(2):
         for s, length in enumerate((2, 17, 6) if p == 0 else (30, 1, 9)):
@@ -113,7 +113,12 @@ def vl_setup(single_rank):
 
 
 def _grpo_pass(model, batch, *, pack: bool, micro_batch_size: int = 4):
-    from megatron_vcap.rl.engine import grpo_loss_fn, reduce_microbatch_metrics, run_microbatches
+    from megatron_vcap.rl.engine import (
+        GRPO_STEP_REDUCTIONS,
+        grpo_loss_fn,
+        reduce_microbatch_metrics,
+        run_microbatches,
+    )
 
     cfg = SimpleNamespace(
         clip_eps_low=0.2,
@@ -135,7 +140,7 @@ def _grpo_pass(model, batch, *, pack: bool, micro_batch_size: int = 4):
     mbs = batch.micro_batches(micro_batch_size)
     outs = run_microbatches(model, mbs, loss_fn, forward_only=False, pack=pack)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return reduce_microbatch_metrics(outs), grads
+    return reduce_microbatch_metrics(outs, GRPO_STEP_REDUCTIONS), grads
 
 
 def _logprob_pass(model, batch, *, pack: bool):

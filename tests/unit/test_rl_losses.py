@@ -201,3 +201,27 @@ def test_shape_and_kl_errors():
         normaliser=compute_loss_normaliser(torch.zeros_like(mask), aggregation="token_mean"),
     )  # fmt: skip
     assert loss.item() == 0.0
+
+
+def test_log_ratio_and_k3_argument_are_clamped_at_20():
+    """Moves of e^30 are clamped to e^20 (finite in fp32, no NaN); the clamped tokens carry no
+    gradient through the ratio; inside the clamp nothing changes."""
+    logp = torch.tensor([[30.0, -30.0, 0.5]], requires_grad=True)
+    old = torch.zeros(1, 3)
+    ref = torch.tensor([[-30.0, 30.0, 0.0]])  # k3's d = ref - logp = [-60, 60, -0.5]
+    loss, m = compute_grpo_loss(
+        logp, old, ref, torch.tensor([-1.0]), torch.ones(1, 3),
+        clip_eps_low=10.0, clip_eps_high=1e12, kl_beta=1.0, normaliser=3.0,
+    )  # fmt: skip
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert float(m["ratio_max"]) == pytest.approx(math.exp(20.0), rel=1e-6)
+    assert float(m["ratio_min"]) == pytest.approx(math.exp(-20.0), rel=1e-6)
+    kl = compute_kl(logp.detach(), ref, "k3")
+    expected = [math.exp(-20) + 20 - 1, math.exp(20) - 20 - 1, math.exp(-0.5) + 0.5 - 1]
+    torch.testing.assert_close(kl[0], torch.tensor(expected), rtol=1e-6, atol=0)
+    # Clamped tokens: no gradient from the ratio nor from k3; the unclamped one keeps both
+    # (-A r + (e^d - d - 1) with d = -logp: d/dlogp = r - e^d + 1 at r = e^0.5, d = -0.5).
+    g = logp.grad[0] * 3.0
+    assert g[0] == 0 and g[1] == 0
+    assert float(g[2]) == pytest.approx(math.exp(0.5) - math.exp(-0.5) + 1.0, rel=1e-6)

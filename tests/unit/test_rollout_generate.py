@@ -170,8 +170,15 @@ def test_sampler_logprobs_equal_trainer_logprobs_over_the_train_batch(model, pro
     from megatron_vcap.rl.losses import compute_sequence_logprobs
     from megatron_vcap.rl.records import Rollout, build_train_batch
 
-    params = SamplingParams(temperature=1.0, max_new_tokens=12, eos_token_ids=list(range(8)))
-    for kv_layout in ("left_pad", "aligned"):
+    # T != 1 (with top-k / top-p filtering on): both sides must divide the logits by T; the
+    # sampler's log-prob is of the tempered, unfiltered distribution, as the trainer's is.
+    for kv_layout, temperature in (("left_pad", 1.0), ("aligned", 1.0), ("aligned", 0.6)):
+        params = SamplingParams(
+            temperature=temperature,
+            max_new_tokens=12,
+            eos_token_ids=list(range(8)),
+            **({} if temperature == 1.0 else {"top_k": 20, "top_p": 0.95}),
+        )
         outs = generate(model, prompts, sampling=params, group_size=3, seed=0,
                         return_logprobs=True, kv_layout=kv_layout)  # fmt: skip
         assert {o.finish_reason for o in outs} == {"eos", "length"}
@@ -181,7 +188,7 @@ def test_sampler_logprobs_equal_trainer_logprobs_over_the_train_batch(model, pro
         batch = build_train_batch(rollouts, prompts, torch.zeros(len(rollouts)))
         with torch.no_grad():
             logits = model(batch.tokens_BT, batch.position_ids_3BT, None)
-        logp_BT, _ = compute_sequence_logprobs(logits, batch.tokens_BT)
+        logp_BT, _ = compute_sequence_logprobs(logits, batch.tokens_BT, temperature=temperature)
         for b, r in enumerate(rollouts):
             trainer = logp_BT[b][batch.loss_mask_BT[b] > 0]
             torch.testing.assert_close(trainer, r.sampler_logp_R, atol=1e-5, rtol=0)

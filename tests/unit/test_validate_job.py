@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def write_model_dir(path: Path, arch: str = "qwen2_5_vl", **dims) -> Path:
     """A model folder as validate_job sees it: config.json and a tokenizer (no weights needed)."""
-    from megatron_vcap.models.presets import build_tiny_tokenizer, tiny_hf_config
+    from megatron_vcap.models.presets import build_char_tokenizer, tiny_hf_config
 
     path.mkdir(parents=True, exist_ok=True)
     tiny_hf_config(arch, **dims).save_pretrained(str(path))
-    build_tiny_tokenizer(128).save_pretrained(str(path))
+    build_char_tokenizer(128).save_pretrained(str(path))
     return path
 
 
