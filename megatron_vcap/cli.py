@@ -23,6 +23,7 @@ COMMAND_MODULES = {
     "data": "megatron_vcap.data.cli",
     "reward": "megatron_vcap.rewards.cli",
     "eval": "megatron_vcap.eval.cli",
+    "plan": "megatron_vcap.plan.cli",
 }
 
 

@@ -19,6 +19,9 @@ def run(args) -> int:
         world_size = args.world_size or read_launch_env().world_size
         check = validate_job(cfg, world_size, probe_judge=args.probe_judge)
         print(f"config OK: {args.config}\n{check.summary()}")
+        from megatron_vcap.plan.cli import check_verdict
+
+        print(check_verdict(cfg, world_size, args.gpu))
         return 0
     from megatron_vcap.trainer.train import train_main
 
@@ -34,6 +37,12 @@ def register(sub) -> None:
         type=int,
         help="with --check: the number of ranks to check the layout for "
         "(default: the launcher's, 1 outside torchrun/srun)",
+    )
+    p.add_argument(
+        "--gpu",
+        choices=("h100-80gb", "h200-141gb"),
+        default="h100-80gb",
+        help="with --check: the GPU the plan's memory verdict is for (vcap plan)",
     )
     p.add_argument(
         "--probe-judge", action="store_true", help="also send the judge one request first"
