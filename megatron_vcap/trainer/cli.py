@@ -4,7 +4,8 @@ Launch under ``torchrun`` or ``srun``. The whole job is validated (``config.job.
 layout against the launcher's world size, batches, manifest, model folder, checkpoints, judge)
 before any process group exists. ``--check`` runs exactly that validation and exits; give
 ``--world-size`` to check a layout from a login node, and ``--probe-judge`` to also send the
-judge one request.
+judge one request. The console shows rank 0's start-up summary and step lines; Megatron's and
+the libraries' records go to ``<run_dir>/logs/rank_NNNNN.log`` (``--verbose`` prints them too).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def run(args) -> int:
         return 0
     from megatron_vcap.trainer.train import train_main
 
-    return train_main(cfg, probe_judge=args.probe_judge)
+    return train_main(cfg, probe_judge=args.probe_judge, verbose=args.verbose)
 
 
 def register(sub) -> None:
@@ -46,6 +47,12 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--probe-judge", action="store_true", help="also send the judge one request first"
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every log record and Python warning of every rank (default: rank 0's "
+        "summary, step lines and warnings; the rest goes to <run_dir>/logs/)",
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.group_size=8")
     p.set_defaults(func=run)

@@ -141,20 +141,32 @@ def launch_rank_and_size() -> tuple[int, int]:
     return env.rank, env.world_size
 
 
-def train_main(cfg, *, probe_judge: bool = False) -> int:
+def train_main(cfg, *, probe_judge: bool = False, verbose: bool = False) -> int:
     """Entry point of ``vcap train``: validates the whole job first (``validate_job``), so a
-    config mistake stops every rank before any process group or model exists."""
+    config mistake stops every rank before any process group or model exists. Log records go to
+    ``<run_dir>/logs/`` and a quiet console (``run_logging``); ``verbose`` prints them all."""
+    from megatron_vcap.trainer.run_logging import setup_run_logging
+
+    rank, world_size = launch_rank_and_size()
+    # Before Megatron and the libraries are imported: their import-time warnings go to the file.
+    run_logging = setup_run_logging(cfg.train.run_dir, rank, verbose=verbose)
+    try:
+        return _train(cfg, rank, world_size, probe_judge, run_logging.log_file)
+    finally:
+        run_logging.close()
+
+
+def _train(cfg, rank: int, world_size: int, probe_judge: bool, log_file: Path) -> int:
     from megatron_vcap.config.job import save_resolved_config, validate_job
     from megatron_vcap.parallel.runtime import destroy_distributed, init_distributed
     from megatron_vcap.trainer.checkpointing import CheckpointManager, find_latest
     from megatron_vcap.trainer.metrics import gather_rank_metrics
     from megatron_vcap.trainer.metrics_log import MetricsLogger
+    from megatron_vcap.trainer.run_logging import count_parameters, startup_summary
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    rank, world_size = launch_rank_and_size()
     wait_for_judge(cfg.judge)  # judge.base_url_file: a judge server started by another job
     # The judge is probed once per launch, from the first rank.
-    validate_job(cfg, world_size, probe_judge=probe_judge and rank == 0)
+    check = validate_job(cfg, world_size, probe_judge=probe_judge and rank == 0)
     # Before any child process exists: data workers and checkpoint writers inherit the blocked
     # stop signals, so a SIGTERM sent to every process of a Slurm step does not kill them.
     guard = build_stop_guard(cfg.train)
@@ -166,6 +178,10 @@ def train_main(cfg, *, probe_judge: bool = False) -> int:
         save_resolved_config(cfg, run_dir)
     comps = build_components(cfg, ctx)
     loader = build_data(cfg, ctx, comps.tokenizer)
+    num_params = count_parameters(comps.bundle.model, ctx)
+    if ctx.rank == 0:
+        print(startup_summary(cfg, ctx, check, num_params=num_params,
+                              num_samples=loader.stream.num_samples, log_file=log_file), flush=True)  # fmt: skip
     n_items = items_per_step(cfg, ctx)
     save_dir = Path(cfg.checkpoint.save_dir or run_dir / "checkpoints")
     ckpt = CheckpointManager(
