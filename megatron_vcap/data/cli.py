@@ -103,7 +103,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("manifest")
     p.add_argument("--config", help="job YAML whose 'data' section sets decoding / sampling")
-    p.add_argument("--backend", choices=["decord", "pyav"], help="override data.video_backend")
+    p.add_argument("--backend", choices=["pyav", "decord"], help="override data.video_backend")
     p.add_argument("--no-decode", action="store_true", help="check JSON, fields and files only")
     p.add_argument("--full-decode", action="store_true", help="also decode every frame")
     p.add_argument("--workers", type=int, default=1, help="decode in this many processes")

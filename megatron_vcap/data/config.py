@@ -12,8 +12,9 @@ from megatron_vcap.config.loader import ConfigError
 class DataConfig:
     train_manifest: str = ""
     eval_manifest: str = ""
-    # Decoder: decord by default; PyAV is used automatically when decord cannot open a file.
-    video_backend: Literal["decord", "pyav"] = "decord"
+    # Decoder: PyAV by default. decord is optional (installed only where its wheel exists);
+    # when chosen, PyAV still takes over for files decord cannot open.
+    video_backend: Literal["pyav", "decord"] = "pyav"
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 32
@@ -57,6 +58,14 @@ class DataConfig:
             raise ConfigError(f"prefetch: must be >= 1, got {self.prefetch}")
         if self.decode_threads < 0:
             raise ConfigError(f"decode_threads: must be >= 0, got {self.decode_threads}")
+        if self.video_backend == "decord":
+            from megatron_vcap.data.video_io import decord_available
+
+            if not decord_available():
+                raise ConfigError(
+                    "video_backend: 'decord' is not installed here (it has no wheel for this "
+                    "platform or Python); use 'pyav', the default"
+                )
         if self.total_pixels is not None and self.total_pixels < self.min_pixels:
             raise ConfigError("total_pixels: must be >= min_pixels")
         if self.max_prompt_tokens < 1:

@@ -1,11 +1,16 @@
-"""Video reading: decord by default, PyAV as the fallback; only the requested frames are decoded.
+"""Video reading: PyAV by default, decord optional; only the requested frames are decoded.
 
-``open_video(path, backend)`` returns a reader with the stream's metadata (frame count, average
-fps, size) and ``get_frames(indices) -> uint8 [T, H, W, 3]``. decord seeks to the keyframe before
-each requested frame; the PyAV reader does the same from a packet index built by demuxing (no
-decoding), so both decode only the GOPs that hold sampled frames. When decord cannot open or read
-a file, PyAV is tried automatically. Every failure is a :class:`VideoDataError` naming the file
-and carrying a short ``reason`` that the loader counts in its metrics.
+Each reader (``PyAVReader``, ``DecordReader``) holds the stream's metadata (frame count, average
+fps, size) and returns ``get_frames(indices) -> uint8 [T, H, W, 3]``; ``read_video_frames`` picks
+the reader, the indices and the fallback. The PyAV reader builds a packet index
+by demuxing (no decoding) and seeks to the keyframe before each requested frame; decord seeks the
+same way, so both decode only the GOPs that hold sampled frames and return identical frames.
+PyAV is the default: it measured faster (``tools/bench_data.py``), ships wheels for every
+platform (decord has none for aarch64, e.g. GH200 nodes, and no release since 2021) and bundles
+its own FFmpeg. decord is used when asked for (``data.video_backend: decord``) and installed;
+when it cannot open or read a file, PyAV is tried automatically. Every failure is a
+:class:`VideoDataError` naming the file and carrying a short ``reason`` that the loader counts in
+its metrics.
 """
 
 from __future__ import annotations
@@ -51,10 +56,19 @@ def _quiet_native_logs() -> None:
     # Both libraries print ffmpeg's complaints about corrupt input to stderr; our errors say it
     # once, with the file name, instead.
     import av
-    import decord
 
-    decord.logging.set_level(decord.logging.QUIET)
+    if decord_available():
+        import decord
+
+        decord.logging.set_level(decord.logging.QUIET)
     av.logging.set_level(av.logging.PANIC)
+
+
+def decord_available() -> bool:
+    """Whether the optional decord backend is installed (it has no wheel on some platforms)."""
+    import importlib.util
+
+    return importlib.util.find_spec("decord") is not None
 
 
 def check_resolution(path: str, width: int, height: int) -> None:
@@ -227,14 +241,19 @@ def read_video_frames(
     path: str | os.PathLike,
     choose_indices,
     *,
-    backend: str = "decord",
+    backend: str = "pyav",
     num_threads: int = 0,
 ) -> tuple[np.ndarray, VideoMeta, list[int]]:
     """Open ``path``, pick frame indices with ``choose_indices(meta) -> list[int]``, decode them.
 
-    Returns (frames uint8 [T, H, W, 3], metadata, indices). decord failures (open or read) fall
-    back to PyAV; ``choose_indices`` may raise :class:`VideoDataError` (e.g. too short).
+    Returns (frames uint8 [T, H, W, 3], metadata, indices). With ``backend="decord"``, decord
+    failures (open or read) fall back to PyAV; ``choose_indices`` may raise
+    :class:`VideoDataError` (e.g. too short).
     """
+    if backend not in ("pyav", "decord"):
+        raise ValueError(f"video backend: expected 'pyav' or 'decord', got {backend!r}")
+    if backend == "decord" and not decord_available():
+        raise ValueError("video backend 'decord' is not installed here; use 'pyav' (the default)")
     path = str(path)
     if not Path(path).is_file():
         raise VideoDataError(path, "missing_file", "no such file")

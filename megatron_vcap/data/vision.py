@@ -231,7 +231,7 @@ def process_video(
     total_pixels: int | None = None,
     start: float | None = None,
     end: float | None = None,
-    backend: str = "decord",
+    backend: str = "pyav",
     num_threads: int = 0,
     patch_size: int = 14,
     temporal_patch_size: int = 2,

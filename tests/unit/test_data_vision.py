@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_vcap.data.video_io import VideoDataError, read_video_frames, write_mp4
+from megatron_vcap.data.video_io import (
+    VideoDataError,
+    decord_available,
+    read_video_frames,
+    write_mp4,
+)
 from megatron_vcap.data.vision import process_image, process_video, smart_resize
 
 transformers = pytest.importorskip("transformers")
@@ -87,7 +92,12 @@ def hf_video(frames, sampled_fps, min_pixels, max_pixels):
     )
 
 
-@pytest.mark.parametrize("backend", ["decord", "pyav"])
+# decord is optional (no wheel on aarch64): its cases run wherever it is installed.
+needs_decord = pytest.mark.skipif(not decord_available(), reason="decord is not installed")
+BACKENDS = ["pyav", pytest.param("decord", marks=needs_decord)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_process_video_matches_transformers(videos, backend):
     settings = dict(
         fps=2.0, min_frames=4, max_frames=16, min_pixels=128 * 28 * 28, max_pixels=360 * 420
@@ -209,11 +219,12 @@ def test_bad_videos_raise_named_errors(tmp_path, videos):
     data[at + 4 : at - 4 + size] = bytes(size - 8)
     zeroed = tmp_path / "zeroed.mp4"
     zeroed.write_bytes(bytes(data))
-    for backend in ("decord", "pyav"):
+    for backend in ("pyav", "decord") if decord_available() else ("pyav",):
         with pytest.raises(VideoDataError, match="zeroed.mp4: corrupt: .*decoding failed"):
             process_video(zeroed, backend=backend)
 
 
+@needs_decord
 def test_pyav_reader_returns_decord_frames_bit_exactly(tmp_path):
     """The PyAV reader seeks by keyframe and skips unreferenced frames; what it returns must
     still be exactly what decord decodes, for sparse, dense and unordered requests."""
@@ -244,3 +255,20 @@ def test_pyav_reader_returns_decord_frames_bit_exactly(tmp_path):
         assert (meta_a.num_frames, meta_a.fps) == (meta_b.num_frames, meta_b.fps) == (90, 30.0)
         assert meta_b.backend == "pyav"
         np.testing.assert_array_equal(a, b)
+
+
+def test_pyav_is_the_default_and_a_missing_decord_is_a_config_error(monkeypatch, tmp_path):
+    import megatron_vcap.data.video_io as video_io
+    from megatron_vcap.config.loader import ConfigError
+    from megatron_vcap.data.config import DataConfig
+
+    assert DataConfig().video_backend == "pyav"
+    path = write_mp4(tmp_path / "a.mp4", textured_frames(32, 32, 4, seed=1), fps=4.0,
+                     width=32, height=32)  # fmt: skip
+    _, meta, _ = read_video_frames(path, lambda m: [0, 3])
+    assert meta.backend == "pyav"
+    monkeypatch.setattr(video_io, "decord_available", lambda: False)
+    with pytest.raises(ConfigError, match="video_backend: 'decord' is not installed"):
+        DataConfig(video_backend="decord").validate()
+    with pytest.raises(ValueError, match="'decord' is not installed"):
+        read_video_frames(path, lambda m: [0], backend="decord")
