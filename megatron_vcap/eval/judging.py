@@ -101,8 +101,9 @@ def extraction_task(template: Template, description: str, kind: str, max_items: 
 
 
 def entailment_task(template: Template, description: str, items: list[str], kind: str):
-    """One {item, relationship, reason} per item; the answer must list exactly len(items)."""
-    item_key = kind[:-1]  # events -> event, objects -> object
+    """One {item, relationship, reason} per item; the answer must list exactly len(items).
+    Verdicts are matched to items by position (the answer's own copy of an item's text is not
+    compared: judges paraphrase it)."""
 
     def parse(obj: Any) -> list[dict[str, str]]:
         answers = _list_field(obj, kind)
@@ -120,7 +121,6 @@ def entailment_task(template: Template, description: str, items: list[str], kind
             )
         return out
 
-    del item_key  # the answer's own item text is not trusted; verdicts are matched by position
     listed = "\n".join(f"{i + 1}. {item}" for i, item in enumerate(items))
     msgs = template.render(description=description, items=listed)
     return JudgeTask(f"autodq_entail_{kind}", msgs, None, parse, decode=decode_loose)

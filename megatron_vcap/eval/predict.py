@@ -162,7 +162,7 @@ def caption_batches(model, builder, tokenizer, samples, cfg, *, structured, on_e
                 continue
             instruction = STRUCTURED_THINKING_INSTRUCTION if structured else s.instruction
             prompt = build_prompt(tokenizer, video, instruction=instruction)
-            items.append(SimpleNamespace(sample=s, video=video, prompt=prompt))
+            items.append(SimpleNamespace(sample=s, video=video, prompt=prompt, text=instruction))
         if items:
             specs = [builder.prompt_spec(it) for it in items]
             with torch.no_grad():
@@ -182,6 +182,7 @@ def caption_batches(model, builder, tokenizer, samples, cfg, *, structured, on_e
                         "caption": caption,
                         "think": think,
                         "response": text,
+                        "instruction": item.text,
                         "finish_reason": out.finish_reason,
                         "num_tokens": int(out.response_ids_R.numel()),
                         "num_frames": item.video.num_frames,
@@ -298,7 +299,8 @@ def collect_predictions(out: Path, kept: list[EvalSample], settings: dict):
             continue
         preds[s.key] = Prediction(rec["caption"], rec.get("think"), rec.get("response"))
         row = {"id": s.id, "caption": rec["caption"], "think": rec.get("think"),
-               "response": rec.get("response"), "num_frames": rec.get("num_frames")}  # fmt: skip
+               "response": rec.get("response"), "instruction": rec.get("instruction"),
+               "num_frames": rec.get("num_frames")}  # fmt: skip
         if s.vtype:
             row["type"] = s.vtype
         lines.append(json.dumps(row, ensure_ascii=False))
@@ -313,10 +315,8 @@ def predict_main(args) -> int:
     from megatron_vcap.eval.run import load_samples
     from megatron_vcap.eval.templates import load_templates
 
-    if args.benchmark == "vdc" and not args.qa_dir:
-        raise ConfigError("vcap eval predict vdc: needs --qa-dir")
-    if args.benchmark != "vdc" and not args.annotations:
-        raise ConfigError(f"vcap eval predict {args.benchmark}: needs --annotations")
+    if not args.videos:
+        raise ConfigError(f"vcap eval predict {args.benchmark}: needs --videos DIR")
     samples = load_samples(args, load_templates(args.templates))
     result = generate_predictions(args, samples)
     if result is not None:

@@ -197,13 +197,18 @@ def _aggregate_vdc(records: list[dict], types: list[str], first: str) -> dict:
 
 def load_generation_settings(predictions: str) -> dict:
     """Generation settings recorded by ``vcap eval predict`` next to its predictions file."""
+    settings = {"model": f"predictions:{predictions}", "frames": None, "fps": None,
+                "max_pixels": None, "max_new_tokens": None}  # fmt: skip
     meta = Path(predictions).with_name("generation.json")
     if meta.is_file():
         try:
-            return json.loads(meta.read_text())
+            settings.update(json.loads(meta.read_text()))
         except ValueError:
             log.warning("%s: unreadable; generation settings not recorded", meta)
-    return {"model": f"predictions:{predictions}"}
+    else:
+        log.warning("%s: no generation.json next to it; frames / fps not recorded", predictions)
+    settings["predictions"] = str(predictions)
+    return settings
 
 
 def run_benchmark(args) -> int:

@@ -98,6 +98,51 @@ def test_ckpt_generation_judging_and_resume(tiny_ckpt, tmp_path):
         assert server.stats["requests"] == before  # same captions -> same prompts -> cached
 
 
+def test_vdc_ckpt_draws_each_type_instruction_from_its_pool(tiny_ckpt, tmp_path):
+    import random
+
+    fx = tiny_ckpt
+    qa = tmp_path / "qa"
+    qa.mkdir()
+    names = sorted(p.stem for p in fx["videos"].glob("*.mp4"))[:2]
+    for vtype in ("camera", "short"):
+        write_jsonl(qa / f"{vtype}.jsonl", [
+            {n: [{"question": f"{vtype} {n} q{j}", "answer": "a", "category": "c"}
+                 for j in range(2)]} for n in names
+        ])  # fmt: skip
+    pools = {"camera": [f"Camera instruction {i}." for i in range(16)],
+             "short": [f"Short instruction {i}." for i in range(16)]}  # fmt: skip
+    (tmp_path / "pools.json").write_text(json.dumps(pools))
+    out = tmp_path / "out"
+    argv = ["eval", "vdc", "--qa-dir", str(qa), "--types", "camera,short", "--prompt-pools",
+            str(tmp_path / "pools.json"), *_gen_flags(fx)[2:]]  # fmt: skip
+    with FakeOpenAIServer(require_schema=False, answer=_VdcJudge()) as server:
+        assert vcap_main([*argv, *judge_flags(server, out)]) == 0
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    for vtype in ("camera", "short"):
+        rng = random.Random(0)
+        got = [r["instruction"] for r in rows if r["type"] == vtype]
+        assert got == [rng.choice(pools[vtype]) for _ in names]
+    res = json.loads((out / "results.json").read_text())
+    assert res["types"]["camera"]["n"] == 2 and res["by_aggregation"]["unbiased"]["types"]
+    assert res["settings"]["max_new_tokens"] == 10
+
+
+class _VdcJudge:
+    """Answers every VDC question with "x"; a verdict "yes" / 3 for questions ending in q0."""
+
+    def __call__(self, body):
+        user = body["messages"][-1]["content"]
+        if user.startswith("Here is a description"):
+            return "x"
+        question = user.split("\n", 1)[0]
+        return (
+            "{'pred': 'yes', 'score': 3}"
+            if question.endswith("q0")
+            else "{'pred': 'no', 'score': 1}"
+        )
+
+
 @pytest.mark.slow
 def test_two_data_parallel_ranks_give_the_same_captions_as_one(tiny_ckpt, tmp_path):
     """Batches differ (1 rank: [0, 1], [2, 3], [4]; 2 ranks: [0, 2], [4] and [1, 3])."""
@@ -106,18 +151,35 @@ def test_two_data_parallel_ranks_give_the_same_captions_as_one(tiny_ckpt, tmp_pa
     assert vcap_main(["eval", "predict", "dream1k", *_gen_flags(fx), "--out", str(out1)]) == 0
     captions = _captions(out1)
     assert len(captions) == NUM_VIDEOS and len(set(captions.values())) > 1
-    out2 = tmp_path / "two"
+    dp2 = _torchrun_predict(fx, tmp_path / "dp2")
+    assert _captions(dp2) == captions
+    parts = sorted(p.name for p in (dp2 / "generation").glob("part-*.jsonl"))
+    assert parts == ["part-dp000.jsonl", "part-dp001.jsonl"]
+    assert json.loads((dp2 / "generation.json").read_text())["dp"] == 2
+
+
+@pytest.mark.slow
+def test_tensor_parallel_generation_gives_the_same_captions(tiny_ckpt, tmp_path):
+    """The TP=1 checkpoint loaded at TP=2 (Megatron's dist-checkpoint reshards it)."""
+    fx = tiny_ckpt
+    out1 = tmp_path / "one"
+    assert vcap_main(["eval", "predict", "dream1k", *_gen_flags(fx), "--out", str(out1)]) == 0
+    tp2 = _torchrun_predict(fx, tmp_path / "tp2", "parallel.tensor_model_parallel_size=2")
+    assert _captions(tp2) == _captions(out1)
+    settings = json.loads((tp2 / "generation.json").read_text())
+    assert (settings["tp"], settings["dp"]) == (2, 1)
+    assert [p.name for p in (tp2 / "generation").glob("part-*.jsonl")] == ["part-dp000.jsonl"]
+
+
+def _torchrun_predict(fx, out: Path, *overrides: str) -> Path:
+    from megatron_vcap.parallel.multiprocess import find_free_port
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    from megatron_vcap.parallel.multiprocess import find_free_port
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
            f"--master-port={find_free_port()}", "-m", "megatron_vcap", "eval", "predict",
-           "dream1k", *_gen_flags(fx), "--out", str(out2)]  # fmt: skip
+           "dream1k", *_gen_flags(fx), "--out", str(out), *overrides]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _captions(out2) == captions
-    parts = sorted(p.name for p in (out2 / "generation").glob("part-*.jsonl"))
-    assert parts == ["part-dp000.jsonl", "part-dp001.jsonl"]
-    assert json.loads((out2 / "generation.json").read_text())["dp"] == 2
+    return out

@@ -130,3 +130,14 @@ def test_templates_override_by_file_and_checked(tmp_path):
     (tmp_path / "vdc_anwser.txt").write_text("typo")
     with pytest.raises(ValueError, match="unknown template file"):
         load_templates(tmp_path)
+
+
+def test_structured_response_answer_block_is_the_caption():
+    from megatron_vcap.eval.predict import split_response
+
+    text = "<think>\nSubject 1: a dog\nActions: runs\n</think>\n<answer>\nA dog runs.\n</answer>"
+    assert split_response(text) == ("A dog runs.", "Subject 1: a dog\nActions: runs")
+    assert split_response("<think>t</think> A plain caption.") == ("A plain caption.", "t")
+    assert split_response("Just a caption.") == ("Just a caption.", None)
+    assert split_response("<think>cut off") == ("", "cut off")
+    assert split_response("<answer>no end") == ("no end", None)
