@@ -26,6 +26,7 @@ def _synth(args) -> int:
             seconds=args.seconds,
             eval_fraction=args.eval_fraction,
             write_tokenizer=not args.no_tokenizer,
+            show_progress=True,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -64,6 +65,7 @@ def _validate(args) -> int:
             decode=not args.no_decode,
             full_decode=args.full_decode,
             workers=args.workers,
+            show_progress=True,
         )
     except ManifestError as exc:
         raise ConfigError(str(exc)) from None

@@ -20,6 +20,7 @@ import numpy as np
 from megatron_vcap.data.manifest import Sample, write_manifest
 from megatron_vcap.data.tiny_tokenizer import build_tiny_tokenizer
 from megatron_vcap.data.video_io import write_mp4
+from megatron_vcap.progress import progress
 from megatron_vcap.structure import Subject, render_response
 
 COLORS = {
@@ -312,8 +313,10 @@ def make_synthetic_dataset(
     seconds: float = 4.0,
     eval_fraction: float = 0.0,
     write_tokenizer: bool = True,
+    show_progress: bool = False,
 ) -> SynthPaths:
-    """Write ``num_videos`` MP4s, ``manifest.jsonl`` (+ train/eval split) and ``tokenizer/``."""
+    """Write ``num_videos`` MP4s, ``manifest.jsonl`` (+ train/eval split) and ``tokenizer/``
+    (``show_progress``: a bar on a terminal's stderr)."""
     if num_videos < 1:
         raise ValueError(f"num_videos: must be >= 1, got {num_videos}")
     if width < 16 or height < 16 or fps <= 0 or seconds <= 0:
@@ -324,7 +327,7 @@ def make_synthetic_dataset(
     videos_dir = root / "videos"
     num_frames = max(2, int(round(fps * seconds)))
     samples = []
-    for i in range(num_videos):
+    for i in progress(range(num_videos), desc="videos", unit="video", enabled=show_progress):
         rng = np.random.default_rng([seed, i])
         scene = random_scene(rng, width, height, seconds)
         frames = (render_frame(scene, k / fps) for k in range(num_frames))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from megatron_vcap.data.config import DataConfig
 from megatron_vcap.data.manifest import Problem, Sample, parse_manifest
+from megatron_vcap.progress import progress
 
 
 @dataclass
@@ -92,8 +93,10 @@ def validate_manifest(
     decode: bool = True,
     full_decode: bool = False,
     workers: int = 1,
+    show_progress: bool = False,
 ) -> ValidationReport:
-    """Check every line of a manifest; never raises on bad content (a missing manifest does)."""
+    """Check every line of a manifest; never raises on bad content (a missing manifest does).
+    ``show_progress``: a bar on a terminal's stderr."""
     cfg = cfg or DataConfig()
     path = Path(path)
     samples, problems = parse_manifest(path)
@@ -101,11 +104,12 @@ def validate_manifest(
     if samples:
         jobs = [(s, cfg, decode, full_decode) for s in samples]
         ids = {s.line: s.id for s in samples}
+        bar = dict(total=len(jobs), desc="samples", unit="sample", enabled=show_progress)
         if workers > 1 and decode:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                results = list(pool.map(_check, jobs, chunksize=4))
+                results = list(progress(pool.map(_check, jobs, chunksize=4), **bar))
         else:
-            results = [_check(job) for job in jobs]
+            results = [_check(job) for job in progress(jobs, **bar)]
         problems += [Problem(line, f"[{ids[line]}] {msg}") for line, msg in results if msg]
     problems.sort(key=lambda p: p.line)
     bad_lines = {p.line for p in problems}

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_vcap.progress import progress
+
 log = logging.getLogger(__name__)
 
 
-def _prepare(samples, data_cfg, tokenizer):
+def _prepare(samples, data_cfg, tokenizer, *, show_progress: bool = False):
     """Decode + preprocess each sample into a loader-like item (sample, video, prompt)."""
     from types import SimpleNamespace
 
@@ -27,7 +29,7 @@ def _prepare(samples, data_cfg, tokenizer):
     from megatron_vcap.data.vision import process_sample_video
 
     items = []
-    for sample in samples:
+    for sample in progress(samples, desc="decode", unit="video", enabled=show_progress):
         video = process_sample_video(sample, data_cfg)
         items.append(
             SimpleNamespace(sample=sample, video=video, prompt=build_prompt(tokenizer, video))
@@ -45,8 +47,10 @@ def evaluate_items(
     rollout_cfg,
     batch_size: int,
     tp_group=None,
+    show_progress: bool = False,
 ) -> list[dict]:
-    """Greedy responses for ``items`` and their reward components, one dict per item."""
+    """Greedy responses for ``items`` and their reward components, one dict per item
+    (``show_progress``: a bar over the batches on a terminal's stderr)."""
     from megatron_vcap.rl.policy import decode_responses
     from megatron_vcap.rollout.generate import generate
     from megatron_vcap.rollout.sampling import SamplingParams
@@ -56,7 +60,8 @@ def evaluate_items(
     )
     model.eval()
     records = []
-    for start in range(0, len(items), batch_size):
+    starts = range(0, len(items), batch_size)
+    for start in progress(starts, desc="eval batches", unit="batch", enabled=show_progress):
         chunk = items[start : start + batch_size]
         specs = [prompt_builder.prompt_spec(item) for item in chunk]
         with torch.no_grad():
@@ -120,7 +125,7 @@ def evaluate_main(cfg, ckpt_dir: str, manifest: str, out_path: str, batch_size: 
     load_model_checkpoint(ckpt_dir, model)
     samples = load_manifest(manifest)
     mine = samples[ctx.dp_rank :: ctx.dp_size]
-    items = _prepare(mine, cfg.data, tokenizer)
+    items = _prepare(mine, cfg.data, tokenizer, show_progress=ctx.rank == 0)
     with RewardService(cfg.reward, cfg.judge) as service:
         records = evaluate_items(
             model,
@@ -131,6 +136,7 @@ def evaluate_main(cfg, ckpt_dir: str, manifest: str, out_path: str, batch_size: 
             rollout_cfg=cfg.rollout,
             batch_size=batch_size,
             tp_group=ctx.tp_group,
+            show_progress=ctx.rank == 0,
         )
     gathered = [None] * ctx.dp_size
     if ctx.dp_size > 1:

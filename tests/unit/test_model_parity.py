@@ -156,16 +156,19 @@ def test_mrope_positions_match_get_rope_index(pair, case, padding_side):
 
 
 @pytest.mark.parametrize("fps", [0.5, 1.0, 2.0, 3.0, 24.0])
-def test_second_per_grid_ts_is_two_over_fps(pair, fps):
-    # Guards the transformers trap: without video_metadata the processor assumes 24 fps.
-    if pair.config.model_type != "qwen2_5_vl":
-        pytest.skip("Qwen2-VL has no absolute time in its positions")
+def test_temporal_positions_follow_the_sampling_fps(pair, fps):
+    """Qwen2.5-VL: second_per_grid_ts is 2 / fps and the temporal ids step by
+    tokens_per_second * 2 / fps (guards the transformers trap: without video_metadata the
+    processor assumes 24 fps). Qwen2-VL has no absolute time: one id per grid step at any fps."""
     inputs = _batch(pair, f"video@{fps}")
-    assert torch.allclose(inputs["second_per_grid_ts"], torch.tensor([2 / fps, 1 / fps]))
     positions, _ = pair.our_positions(inputs)
     video = inputs["input_ids"][0] == pair.config.video_token_id
     temporal = positions[0, 0][video].unique()
     start = int(temporal[0])
+    if pair.config.model_type == "qwen2_vl":
+        assert temporal.tolist() == [start, start + 1, start + 2]
+        return
+    assert torch.allclose(inputs["second_per_grid_ts"], torch.tensor([2 / fps, 1 / fps]))
     expected = [start + int(i * 4 * (2 / fps)) for i in range(3)]  # tokens_per_second = 4
     assert temporal.tolist() == sorted(set(expected))
 
