@@ -216,6 +216,10 @@ def run_benchmark(args) -> int:
     samples = load_samples(args, templates)
     vdc = args.benchmark == "vdc"
     if args.predictions:
+        from megatron_vcap.parallel.launch_env import read_launch_env
+
+        if read_launch_env().rank != 0:  # launched on several ranks: scoring is rank 0's job
+            return 0
         preds = read_predictions(args.predictions, vdc=vdc)
         settings = load_generation_settings(args.predictions)
     else:

@@ -12,6 +12,9 @@ from megatron_vcap.cli import main as vcap_main
 from megatron_vcap.testing.fake_openai import FakeOpenAIServer
 from tests.unit.evalkit import GARBAGE, ScriptedJudge, dream_line, judge_flags, write_jsonl
 
+SECRET = "sk-eval-test-1234"
+TEXT = (".json", ".jsonl", ".md")
+
 
 def f1(p, r):
     return 2 * p * r / (p + r)
@@ -77,15 +80,19 @@ def dream_fixture(tmp_path):
     return ann, preds, judge
 
 
-def test_dream1k_macro_over_subsets_empty_lists_failures_and_clean_up(tmp_path):
+def test_dream1k_macro_over_subsets_empty_lists_failures_and_clean_up(tmp_path, monkeypatch):
     ann, preds, judge = dream_fixture(tmp_path)
     out = tmp_path / "out"
+    monkeypatch.setenv("VCAP_EVAL_TEST_KEY", SECRET)
     with FakeOpenAIServer(require_schema=False, answer=judge) as server:
         code = vcap_main(
             ["eval", "dream1k", "--annotations", str(ann), "--predictions", str(preds),
-             *judge_flags(server, out)]
+             *judge_flags(server, out, judge_key_env="VCAP_EVAL_TEST_KEY")]
         )  # fmt: skip
     assert code == 0
+    # The key goes from the named variable to the server, and nowhere into the outputs.
+    assert server.auth_headers == {f"Bearer {SECRET}"}
+    assert all(SECRET not in p.read_text() for p in out.rglob("*") if p.suffix in TEXT)
     res = json.loads((out / "results.json").read_text())
 
     # Hand computation. Per sample (R, P): s0 (1/2, 2/3); s1 (1, 0); s2 (1.0 empty GT, 1);
@@ -142,7 +149,8 @@ def test_missing_captions_stop_or_skip(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ CAREBENCH
-def test_carebench_action_and_object_overall_and_per_category(tmp_path):
+def test_carebench_action_and_object_overall_and_per_category(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     ann = tmp_path / "CAREBENCH.json"
     ann.write_text(
         json.dumps(
@@ -176,6 +184,7 @@ def test_carebench_action_and_object_overall_and_per_category(tmp_path):
             ["eval", "carebench", "--annotations", str(ann), "--predictions", str(preds),
              *judge_flags(server, out)]
         ) == 0  # fmt: skip
+    assert server.auth_headers == {"Bearer EMPTY"}  # no key variable: a placeholder key
     res = json.loads((out / "results.json").read_text())
     # The same extraction answer serves both kinds here, so each caption's items are shared:
     # action  R: v1 1/2, v2 0, v3 1;      P: v1 1, v2 1, v3 1/2
