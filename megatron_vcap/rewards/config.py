@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,6 +55,23 @@ class RewardConfig:
             )
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEY_PREFIXES = ("sk-", "sk_", "hf_", "gsk_", "xai-", "pk-", "ak-", "AIza", "Bearer ")
+
+
+def looks_like_api_key(value: str) -> bool:
+    """True for a value that is (probably) a secret rather than an environment variable name.
+
+    Names are POSIX identifiers, usually upper case; keys carry provider prefixes ("sk-",
+    "hf_", ...), characters no name has ("-", ".", "/"), or long runs mixing lower case and
+    digits. Used so that a key passed where a name belongs is refused without being echoed.
+    """
+    if value.startswith(_KEY_PREFIXES) or not _ENV_NAME.fullmatch(value):
+        return bool(value)
+    mixed = any(c.isdigit() for c in value) and any(c.islower() for c in value)
+    return len(value) >= 20 and mixed and "_" not in value
+
+
 @dataclass
 class JudgeConfig:
     kind: Literal["embedded", "openai"] = "embedded"
@@ -72,6 +90,9 @@ class JudgeConfig:
     backoff_s: float = 1.0
     # Upper bound on one backoff sleep; rate-limit answers' Retry-After is honoured up to it.
     max_backoff_s: float = 30.0
+    # Refused connections (a restarting server) do not spend retries: requests wait behind a
+    # circuit breaker for the server to come back, for at most this long per outage.
+    outage_timeout_s: float = 600.0
     # On-disk answer cache (keyed by model and prompt); empty disables it.
     cache_dir: str = ""
     temperature: float = 0.0
@@ -83,6 +104,13 @@ class JudgeConfig:
     max_events: int = 10
 
     def validate(self) -> None:
+        if looks_like_api_key(self.api_key_env):
+            # Never echo the value: it is probably the key itself.
+            raise ConfigError(
+                "api_key_env: this looks like an API key, not the name of an environment "
+                "variable; put the key in a variable (export OPENAI_API_KEY=...) and pass the "
+                "variable's name (--judge-key-env OPENAI_API_KEY)"
+            )
         if self.concurrency < 1:
             raise ConfigError(f"concurrency: must be >= 1, got {self.concurrency}")
         if self.timeout_s <= 0:
@@ -93,6 +121,8 @@ class JudgeConfig:
             raise ConfigError("max_retries: must be >= 0")
         if self.backoff_s < 0:
             raise ConfigError(f"backoff_s: must be >= 0, got {self.backoff_s}")
+        if self.outage_timeout_s < 0:
+            raise ConfigError(f"outage_timeout_s: must be >= 0, got {self.outage_timeout_s}")
         if self.max_backoff_s < self.backoff_s:
             raise ConfigError(
                 f"max_backoff_s: must be >= backoff_s ({self.backoff_s}), got {self.max_backoff_s}"

@@ -13,6 +13,7 @@ and which keeps the prompt unambiguous whatever the captions contain.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +34,9 @@ class JudgeTask:
 
     ``schema=None`` sends no ``response_format`` (judges such as GPT-3.5 accept no JSON schema;
     the benchmark protocols ask in free form). ``decode`` turns the answer text into the value
-    ``parse`` validates; by default the text is JSON. Either raises ``InvalidAnswer`` (or
-    ``json.JSONDecodeError``) on an unusable answer, which the client retries.
+    ``parse`` validates; by default the first JSON object in the text (``decode_json_answer``).
+    Either raises ``InvalidAnswer`` (or ``json.JSONDecodeError``) on an unusable answer, which
+    the client retries.
     """
 
     name: str
@@ -44,7 +46,7 @@ class JudgeTask:
     decode: Callable[[str], Any] | None = None
 
     def decode_text(self, text: str) -> Any:
-        return json.loads(text) if self.decode is None else self.decode(text)
+        return decode_json_answer(text) if self.decode is None else self.decode(text)
 
     def response_format(self) -> dict[str, Any] | None:
         if self.schema is None:
@@ -53,6 +55,37 @@ class JudgeTask:
             "type": "json_schema",
             "json_schema": {"name": self.name, "schema": self.schema, "strict": True},
         }
+
+
+_FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)```", re.DOTALL)
+_MAX_OBJECT_STARTS = 32  # "{" characters tried before giving up on a chatty answer
+
+
+def decode_json_answer(text: str) -> Any:
+    """The answer's JSON object, also when fenced (```json ... ```) or wrapped in prose.
+
+    A server that ignores ``response_format`` answers like a chat model; at temperature 0 a
+    retry repeats the same answer, so rejecting the wrapper would fail every sample (issue 14,
+    item 6). Plain JSON parses as is; otherwise the inside of the first fence, then the first
+    ``{`` that starts a complete JSON value, is taken and anything after it ignored. Raises
+    ``json.JSONDecodeError`` (retried, counted as ``malformed_json``) when there is none.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as first_error:
+        error = first_error
+    candidates = [m.group(1) for m in _FENCE.finditer(text)][:1] + [text]
+    decoder = json.JSONDecoder()
+    for candidate in candidates:
+        start = candidate.find("{")
+        for _ in range(_MAX_OBJECT_STARTS):
+            if start < 0:
+                break
+            try:
+                return decoder.raw_decode(candidate, start)[0]
+            except json.JSONDecodeError:
+                start = candidate.find("{", start + 1)
+    raise error
 
 
 def _messages(system: str, payload: dict[str, Any]) -> tuple[dict[str, str], ...]:

@@ -26,6 +26,7 @@ import contextlib
 import json
 import random
 import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -101,6 +102,7 @@ class FakeOpenAIServer:
         answer: Callable[[dict[str, Any]], dict[str, Any]] = oracle_answer,
         hang_s: float = 30.0,
         require_schema: bool = True,
+        port: int = 0,
     ):
         for b in [*(script or []), *(faults or {})]:
             if b not in BEHAVIOURS:
@@ -123,11 +125,15 @@ class FakeOpenAIServer:
         self.max_in_flight = 0  # most requests being answered at the same moment
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # 0 picks a free port; after the first start the port is kept, so stop() then start()
+        # is a server restart at the same address (the judge-outage tests).
+        self.port = port
+        self._connections: set[socket.socket] = set()  # open client connections (keep-alive)
 
     @property
     def base_url(self) -> str:
-        assert self._httpd is not None, "server not started"
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        assert self.port, "server not started"
+        return f"http://127.0.0.1:{self.port}/v1"
 
     def next_behaviour(self) -> str:
         with self._lock:
@@ -146,11 +152,19 @@ class FakeOpenAIServer:
         class Handler(_Handler):
             owner = server
 
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        self._stop.clear()
+        httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler, bind_and_activate=False)
         httpd.daemon_threads = True
+
+        def handle_error(request, client_address) -> None:
+            if not server._stop.is_set():  # a connection cut by stop() is not worth a traceback
+                ThreadingHTTPServer.handle_error(httpd, request, client_address)
+
+        httpd.handle_error = handle_error
         httpd.request_queue_size = 256  # a burst of 64+ connects must not hit the listen backlog
         httpd.server_bind()
         httpd.server_activate()
+        self.port = httpd.server_address[1]
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever,
@@ -166,7 +180,14 @@ class FakeOpenAIServer:
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
+            # A stopped server must not keep answering on kept-alive connections.
+            with self._lock:
+                connections = list(self._connections)
+            for conn in connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
             self._thread.join(timeout=10)
+            self._httpd = None
 
     def __enter__(self) -> FakeOpenAIServer:
         return self.start()
@@ -184,6 +205,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:  # keep test output clean
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.owner._lock:
+            self.owner._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.owner._lock:
+            self.owner._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def _send(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj).encode()

@@ -47,7 +47,8 @@ def test_free_form_task_sends_no_schema_decodes_retries_and_caches(tmp_path):
         )
         value, stats = _ask(cfg)
         assert value == "RED CAR"
-        assert stats["requests"] == 2 and stats["errors/invalid_answer"] == 1
+        assert stats["requests"] == 1 and stats["retries"] == 1 and stats["attempts"] == 2
+        assert stats["errors/invalid_answer"] == 1
         assert all("response_format" not in b for b in server.bodies)
         # The cached raw text goes through the same decoder; no new request.
         value, stats = _ask(cfg)

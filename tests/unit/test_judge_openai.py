@@ -81,7 +81,8 @@ def test_retries_through_every_kind_of_fault():
             judge_cfg(server, max_retries=7),
         )
     assert events == ["A man walks.", "A dog barks."]
-    assert stats["retries"] == 7 and stats["requests"] == 8
+    # One request, seven retries: counted apart (issue 14, item 7), sent eight times in all.
+    assert stats["requests"] == 1 and stats["retries"] == 7 and stats["attempts"] == 8
     for code in (
         "http_500",
         "malformed_json",
@@ -159,3 +160,96 @@ def test_concurrency_is_bounded():
     assert len(ratings) == 12
     # Never more than 4 in flight, and requests did overlap.
     assert 1 < server.max_in_flight <= 4
+
+
+# ---------------------------------------------------------------- issue 14, items 5-7
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda a: f"```json\n{a}\n```",
+        lambda a: f"```\n{a}\n```\nThe first event is entailed because the man walks.",
+        lambda a: f"Here is my judgement: {a}\nLet me know if you need more.",
+        lambda a: f"{a}\n\nNote: {{'verdicts'}} follow the order given.",
+    ],
+)
+def test_fenced_or_chatty_answers_are_accepted(wrap):
+    """A server that ignores response_format answers like a chat model (item 6)."""
+    import json
+
+    from megatron_vcap.testing.fake_openai import oracle_answer
+
+    def answer(body):
+        return wrap(json.dumps(oracle_answer(body)))
+
+    with FakeOpenAIServer(answer=answer) as server:
+        verdicts, stats = run(
+            lambda j: j.entail("A man walks a dog.", ["The man walks.", "A cat jumps."]),
+            judge_cfg(server, timeout_s=10.0),
+        )
+    assert verdicts == ["entailment", "neutral"]
+    assert stats["requests"] == 1 and stats.get("retries", 0) == 0
+
+
+def test_answer_without_a_json_object_is_still_malformed():
+    with (
+        FakeOpenAIServer(answer=lambda body: "I think { the man walks") as server,
+        pytest.raises(JudgeError) as exc,
+    ):
+        run(lambda j: j.rate("A man walks.", "A man walks."), judge_cfg(server, max_retries=1))
+    assert exc.value.code == "malformed_json"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z",
+        "sk-test-do-not-leak-4242",
+        "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345",
+        "3f9a0c2b7d4e4f1a8b6c5d2e1f0a9b8c",
+        "a3f9a0c2b7d4e4f1a8b6c5d2e1f0a9b8",
+    ],
+)
+def test_key_looking_values_are_refused_without_being_echoed(value, caplog):
+    from megatron_vcap.config.loader import ConfigError
+    from megatron_vcap.rewards.config import looks_like_api_key
+
+    assert looks_like_api_key(value)
+    with pytest.raises(ConfigError) as exc:
+        JudgeConfig(kind="openai", api_key_env=value).validate()
+    assert value not in str(exc.value) and "name of an environment variable" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        OpenAIJudge(JudgeConfig(kind="openai", api_key_env=value))
+    assert value not in str(exc.value) and value not in caplog.text
+
+
+@pytest.mark.parametrize("name", ["OPENAI_API_KEY", "HF_TOKEN", "my_judge_key2", "VCAP_KEY_2026"])
+def test_variable_names_are_names(name):
+    from megatron_vcap.rewards.config import looks_like_api_key
+
+    assert not looks_like_api_key(name)
+    JudgeConfig(kind="openai", api_key_env=name).validate()
+
+
+def test_identical_prompts_in_flight_are_sent_once():
+    async def many(j):
+        same = [j.rate("A man walks.", "A man walks.") for _ in range(8)]
+        other = [j.rate("A man walks.", "A man runs.")]
+        return await asyncio.gather(*same, *other)
+
+    with FakeOpenAIServer(latency_s=0.2) as server:
+        ratings, stats = run(many, judge_cfg(server, timeout_s=5.0))
+    assert ratings[:8] == [ratings[0]] * 8 and len(ratings) == 9
+    assert server.stats["requests"] == 2
+    assert stats["requests"] == 2 and stats["deduplicated"] == 7
+
+
+def test_identical_prompts_in_flight_share_a_failure():
+    async def many(j):
+        return await asyncio.gather(
+            *(j.rate("A man walks.", "A man walks.") for _ in range(4)), return_exceptions=True
+        )
+
+    with FakeOpenAIServer(script=["http_400"], latency_s=0.1) as server:
+        outcomes, stats = run(many, judge_cfg(server, timeout_s=5.0))
+    assert all(isinstance(o, JudgeError) and o.code == "http_400" for o in outcomes)
+    assert server.stats["requests"] == 1 and stats["deduplicated"] == 3

@@ -33,14 +33,16 @@ def openai_cfg(server, **kw) -> JudgeConfig:
 
 
 def task_request(
-    sample_id: str, covered: int, total: int, response: str | None = None
+    sample_id: str, covered: int, total: int, response: str | None = None, tag: str = ""
 ) -> RewardRequest:
     """Ground truth of ``total`` events 'The man does task{i}.'; a caption covering ``covered``.
 
     The fake server's oracle entails an event when all its content tokens are in the caption.
+    ``tag`` makes the caption (so the judge prompt) unique: identical prompts in flight are
+    sent once.
     """
     events = [f"The man does task{i}." for i in range(total)]
-    caption = "The man does " + " ".join(f"task{i}" for i in range(covered)) + "."
+    caption = "The man does " + " ".join(f"task{i}" for i in range(covered)) + "." + tag
     reference = "The man does " + " ".join(f"task{i}" for i in range(total)) + "."
     return RewardRequest(sample_id, response or render_response(GT, caption), reference, GT, events)
 
@@ -120,7 +122,7 @@ ALLOWED_FAILURES = {"http_500", "timeout", "malformed_json", "invalid_answer", "
 
 
 def test_fault_injection_nothing_lost_or_duplicated():
-    requests = [task_request(f"s{i}", i % 6, 5) for i in range(200)]
+    requests = [task_request(f"s{i}", i % 6, 5, tag=f" Clip {i}.") for i in range(200)]
     reward_cfg = RewardConfig(escore_mode="linear")
     with (
         FakeOpenAIServer() as clean_server,
