@@ -53,6 +53,10 @@ def run_compare(args) -> int:
     return 0
 
 
+def _temperature(text: str) -> float | None:
+    return None if text.lower() in ("none", "default") else float(text)
+
+
 def _data_args(p, bench: str, *, required: bool = True) -> None:
     if bench == "vdc":
         p.add_argument("--qa-dir", required=required, help="folder of the five VDC QA jsonl files")
@@ -100,7 +104,12 @@ def _judge_args(p) -> None:
     j.add_argument("--judge-timeout", type=float, default=120.0)
     j.add_argument("--judge-retries", type=int, default=10, help="official: 10")
     j.add_argument("--judge-backoff", type=float, default=1.0)
-    j.add_argument("--judge-temperature", type=float, default=0.0)
+    j.add_argument(
+        "--judge-temperature",
+        type=_temperature,
+        default=0.0,
+        help="default 0.0; 'none' sends no temperature (the API default, as DREAM-1K's script)",
+    )
     j.add_argument("--judge-max-tokens", type=int, default=1024)
     j.add_argument("--judge-cache", default=None, help="answer cache (default OUT/judge_cache)")
     j.add_argument("--templates", default=None, help="folder of template files to use instead")

@@ -95,7 +95,8 @@ class JudgeConfig:
     outage_timeout_s: float = 600.0
     # On-disk answer cache (keyed by model and prompt); empty disables it.
     cache_dir: str = ""
-    temperature: float = 0.0
+    # None sends no temperature: the endpoint's default (DREAM-1K's official judge calls do so).
+    temperature: float | None = 0.0
     max_tokens: int = 1024
     # Embedded judge: an event counts as entailed when its best cosine similarity against the
     # caption's sentences and clauses reaches this value (an approximation of entailment).

@@ -65,3 +65,17 @@ def test_schema_still_required_by_default():
             assert "http_400" in str(exc)
         else:
             raise AssertionError("a schema-less request was accepted")
+
+
+def test_temperature_none_sends_none_and_the_yaml_accepts_null(tmp_path):
+    from megatron_vcap.config.job import load_job_config
+
+    with FakeOpenAIServer(require_schema=False, answer=lambda body: "ok") as server:
+        for temperature in (None, 0.0):
+            cfg = JudgeConfig(kind="openai", base_url=server.base_url, model="m",
+                              temperature=temperature)  # fmt: skip
+            assert _ask(cfg)[0] == "OK"
+    assert "temperature" not in server.bodies[0] and server.bodies[1]["temperature"] == 0.0
+    job = tmp_path / "job.yaml"
+    job.write_text("judge:\n  temperature: null\n")
+    assert load_job_config(job).judge.temperature is None

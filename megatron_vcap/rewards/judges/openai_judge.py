@@ -165,9 +165,10 @@ class OpenAIJudge(Judge):
         body = {
             "model": self.cfg.model,
             "messages": list(task.messages),
-            "temperature": self.cfg.temperature,
             "max_tokens": self.cfg.max_tokens,
         }
+        if self.cfg.temperature is not None:
+            body["temperature"] = self.cfg.temperature
         fmt = task.response_format()
         if fmt is not None:
             body["response_format"] = fmt
