@@ -225,6 +225,11 @@ def main(argv=None) -> int:
                     help="generated video shapes (ignored with --videos)")  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="per-stage times of ours (PyAV)")
     s = ap.parse_args(argv)
+    from megatron_vcap.data.video_io import decord_available
+
+    # The baseline as most training code runs it: qwen-vl-utils' decord reader where installed
+    # (it reads this variable when imported, so it is set first).
+    os.environ["FORCE_QWENVL_VIDEO_READER"] = "decord" if decord_available() else "torchvision"
     try:
         import qwen_vl_utils  # noqa: F401
     except ImportError:
@@ -233,10 +238,6 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    from megatron_vcap.data.video_io import decord_available
-
-    # The baseline as most training code runs it: qwen-vl-utils' decord reader where installed.
-    os.environ["FORCE_QWENVL_VIDEO_READER"] = "decord" if decord_available() else "torchvision"
     import logging
 
     import torch
