@@ -147,11 +147,16 @@ def caption_batches(model, builder, tokenizer, samples, cfg, *, structured, on_e
 
     sampling = builder.sampling_params(cfg.rollout, temperature=0.0)
     batch = cfg.rollout.prompts_per_batch
+    last: tuple[str, object] | None = None  # VDC captions one video five times: decode it once
     for start in range(0, len(samples), batch):
         chunk, items, records = samples[start : start + batch], [], []
         for s in chunk:
             try:
-                video = _video_inputs(s, cfg.data)
+                if last is not None and last[0] == s.video_path:
+                    video = last[1]
+                else:
+                    video = _video_inputs(s, cfg.data)
+                    last = (s.video_path, video)
             except VideoDataError as exc:
                 if on_error == "stop":
                     raise ConfigError(
@@ -238,7 +243,8 @@ def generate_predictions(args, samples: list[EvalSample]):
     try:
         done = load_generated(gen_dir)  # every rank reads before any rank appends
         dist.barrier()
-        todo = [s for s in kept if s.key not in done]
+        # By video (stable), so that a video's captions of several VDC types sit together.
+        todo = sorted((s for s in kept if s.key not in done), key=lambda s: s.video_path)
         mine = todo[ctx.dp_rank :: ctx.dp_size]
         model, tokenizer, builder = _build_model(cfg, args.ckpt)
         writer = (
