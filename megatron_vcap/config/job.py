@@ -180,8 +180,6 @@ def validate_job(
     if world_size < 1:
         raise ConfigError(f"world size: must be >= 1, got {world_size}")
     dp_size = _check_layout(cfg, world_size)
-    if mode in ("grpo", "eval"):
-        _check_generation_pipeline(cfg)
     _check_batches(cfg, mode, dp_size)
     hf_dir = Path(model_dir) if model_dir is not None else resolve_hf_dir(cfg)
     _check_model_dir(cfg, hf_dir, "--ckpt" if model_dir is not None else "model.hf_path")
@@ -226,16 +224,6 @@ def _check_layout(cfg: JobConfig, world_size: int) -> int:
             "(context parallelism is not built; use 1)"
         )
     return p.validate_world_size(world_size)
-
-
-def _check_generation_pipeline(cfg: JobConfig) -> None:
-    """Rollout / evaluation generation runs at PP = 1 only (remove when PP generation lands)."""
-    pp = cfg.parallel.pipeline_model_parallel_size
-    if pp > 1:
-        raise ConfigError(
-            f"parallel.pipeline_model_parallel_size: {pp}, but generation (GRPO rollouts, "
-            "evaluation) needs PP = 1 (use tensor parallelism; SFT supports PP)"
-        )
 
 
 def _check_batches(cfg: JobConfig, mode: str, dp_size: int) -> None:

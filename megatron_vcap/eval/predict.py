@@ -134,7 +134,8 @@ def _video_inputs(sample: EvalSample, data_cfg):
     )
 
 
-def caption_batches(model, builder, tokenizer, samples, cfg, *, structured, on_error, tp_group):
+def caption_batches(model, builder, tokenizer, samples, cfg, *, structured, on_error, tp_group,
+                    pp_group=None):  # fmt: skip
     """Yield the records of each batch of ``samples`` (greedy captions, or a decode error)."""
     from types import SimpleNamespace
 
@@ -173,7 +174,7 @@ def caption_batches(model, builder, tokenizer, samples, cfg, *, structured, on_e
             with torch.no_grad():
                 outputs = generate(
                     model, specs, sampling=sampling, group_size=1, decode_fn=builder.decode,
-                    kv_layout=cfg.rollout.kv_layout, tp_group=tp_group,
+                    kv_layout=cfg.rollout.kv_layout, tp_group=tp_group, pp_group=pp_group,
                 )  # fmt: skip
             texts = decode_responses(tokenizer, outputs)
             for out, text in zip(outputs, texts):
@@ -248,13 +249,15 @@ def generate_predictions(args, samples: list[EvalSample]):
         mine = todo[ctx.dp_rank :: ctx.dp_size]
         model, tokenizer, builder = _build_model(cfg, args.ckpt)
         writer = (
-            PartWriter(gen_dir / f"part-dp{ctx.dp_rank:03d}.jsonl") if ctx.tp_rank == 0 else None
+            PartWriter(gen_dir / f"part-dp{ctx.dp_rank:03d}.jsonl")
+            if ctx.tp_rank == 0 and ctx.pp_rank == 0  # every stage holds the same captions
+            else None
         )
         bar = tqdm(total=len(mine), desc=f"captions (rank {ctx.rank})", unit="video",
                    file=sys.stderr, disable=ctx.rank != 0, mininterval=1.0)  # fmt: skip
         for records in caption_batches(
             model, builder, tokenizer, mine, cfg, structured=args.structured,
-            on_error=args.on_missing, tp_group=ctx.tp_group,
+            on_error=args.on_missing, tp_group=ctx.tp_group, pp_group=ctx.pp_group,
         ):  # fmt: skip
             if writer is not None:
                 writer.write(records)

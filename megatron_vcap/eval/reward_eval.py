@@ -48,6 +48,7 @@ def evaluate_items(
     batch_size: int,
     tp_group=None,
     show_progress: bool = False,
+    pp_group=None,
 ) -> list[dict]:
     """Greedy responses for ``items`` and their reward components, one dict per item
     (``show_progress``: a bar over the batches on a terminal's stderr)."""
@@ -72,6 +73,7 @@ def evaluate_items(
                 group_size=1,
                 decode_fn=prompt_builder.decode,
                 tp_group=tp_group,
+                pp_group=pp_group,
             )
         texts = decode_responses(tokenizer, outputs)
         requests = prompt_builder.reward_requests(chunk, outputs, texts)
@@ -137,6 +139,7 @@ def evaluate_main(cfg, ckpt_dir: str, manifest: str, out_path: str, batch_size: 
             batch_size=batch_size,
             tp_group=ctx.tp_group,
             show_progress=ctx.rank == 0,
+            pp_group=ctx.pp_group,
         )
     gathered = [None] * ctx.dp_size
     if ctx.dp_size > 1:

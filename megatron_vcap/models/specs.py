@@ -177,13 +177,15 @@ class CausalSDPAttention(_SDPACoreAttention):
         mask = None
         if attention_mask is not None:
             mask = ~attention_mask.bool()
-        elif sq > 1:
+        elif 1 < sq < sk:
             mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
+            # Square and unmasked (a full forward): SDPA's causal kernel, no [sq, sk] mask.
+            is_causal=mask is None and sq == sk and sq > 1,
             scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=True,

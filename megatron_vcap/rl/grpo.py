@@ -94,6 +94,7 @@ class GRPOController:
                     seed=self._rollout_seed + 7919 * step + start,
                     share_prefix=self.cfg.rollout.share_prefix,
                     tp_group=self.ctx.tp_group,
+                    pp_group=self.ctx.pp_group,
                     # The train-rollout log-prob gap (and grpo.tis_cap) compare against these.
                     return_logprobs=True,
                 )

@@ -18,7 +18,9 @@ Phases (one ``generate`` call):
    ``s + rope_delta``. Finished rows are dropped from the batch (cache compaction).
 
 Tokens are chosen on the first rank of the tensor-parallel group and broadcast, so every TP rank
-holds identical responses. Pipeline and context parallel generation are not supported.
+holds identical responses. Pipeline-parallel models generate through ``rollout/pipeline.py``
+(same layout, cache and stopping; micro-batches pipelined over the stages); context parallel
+generation is not supported.
 
 Shape legend: P = prompts, G = samples per prompt, B = rows (P x G, or the live subset),
 C = cache columns, S = prompt tokens, V = vocabulary.
@@ -62,16 +64,16 @@ def resolve_kv_layout(model, kv_layout: str) -> str:
     return kv_layout
 
 
-def check_generation_parallelism(model, tp_group: dist.ProcessGroup | None) -> None:
+def check_generation_parallelism(
+    model, tp_group: dist.ProcessGroup | None, pp_group: dist.ProcessGroup | None = None
+) -> None:
     """Reject layouts generation does not support, with a message that says what to change."""
     config = getattr(_unwrap(model), "config", None)
     if config is None:
         return
-    if getattr(config, "pipeline_model_parallel_size", 1) > 1:
-        raise ConfigError(
-            "parallel.pipeline_model_parallel_size: rollout generation does not support pipeline "
-            "parallelism; generate with pipeline_model_parallel_size=1 (use tensor parallelism)"
-        )
+    pp = getattr(config, "pipeline_model_parallel_size", 1)
+    if pp > 1 and (pp_group is None or dist.get_world_size(pp_group) != pp):
+        raise ConfigError(f"generate: the model is split over PP={pp}; pass its pp_group")
     if getattr(config, "context_parallel_size", 1) > 1:
         raise ConfigError("parallel.context_parallel_size: rollout generation needs 1")
     if getattr(config, "sequence_parallel", False):
@@ -287,6 +289,8 @@ def generate(
     return_logprobs: bool = False,
     kv_layout: str = "auto",
     tp_group: dist.ProcessGroup | None = None,
+    pp_group: dist.ProcessGroup | None = None,
+    num_microbatches: int | None = None,
 ) -> list[GenerationOutput]:
     """Sample ``group_size`` responses for each prompt; outputs ordered by (prompt, sample).
 
@@ -295,12 +299,15 @@ def generate(
     token ids into text for ``sampling.stop_strings``. ``seed`` makes sampling reproducible
     (None draws one from torch's global RNG, identically on every rank). ``tp_group`` is the
     model's tensor-parallel group (tokens are chosen on its first rank and broadcast).
+    ``pp_group`` (a model split over pipeline stages): generation runs through the stages in
+    ``num_microbatches`` (default and minimum: the stage count) micro-batches
+    (``rollout/pipeline.py``); every rank returns the same outputs.
     """
     if not prompts:
         return []
     if group_size < 1:
         raise ConfigError(f"group_size: must be >= 1, got {group_size}")
-    check_generation_parallelism(model, tp_group)
+    check_generation_parallelism(model, tp_group, pp_group)
     layout_kind = resolve_kv_layout(model, kv_layout)
     stopper = StopChecker(sampling, decode_fn)
     device = next(model.parameters()).device
@@ -310,6 +317,27 @@ def generate(
 
     was_training = model.training
     model.eval()
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        from megatron_vcap.rollout.pipeline import generate_pipelined
+
+        try:
+            with torch.no_grad():
+                responses, logprobs, finish = generate_pipelined(
+                    model,
+                    prompts,
+                    sampling=sampling,
+                    group_size=group_size,
+                    stopper=stopper,
+                    generator=generator,
+                    kv_layout=layout_kind,
+                    tp_group=tp_group,
+                    pp_group=pp_group,
+                    return_logprobs=return_logprobs,
+                    num_microbatches=num_microbatches,
+                )
+        finally:
+            model.train(was_training)
+        return _outputs(responses, logprobs, finish, group_size, return_logprobs)
     try:
         with torch.no_grad():
             layout = _build_layout(
@@ -323,13 +351,19 @@ def generate(
             decoder.run(first_logits_BV)
     finally:
         model.train(was_training)
+    return _outputs(
+        decoder.responses, decoder.logprobs, decoder.finish, group_size, return_logprobs
+    )
+
+
+def _outputs(responses, logprobs, finish, group_size, return_logprobs) -> list[GenerationOutput]:
     return [
         GenerationOutput(
             prompt_index=r // group_size,
             sample_index=r % group_size,
-            response_ids_R=torch.tensor(decoder.responses[r], dtype=torch.long),
-            finish_reason=decoder.finish[r],
-            logprobs_R=torch.tensor(decoder.logprobs[r]) if return_logprobs else None,
+            response_ids_R=torch.tensor(responses[r], dtype=torch.long),
+            finish_reason=finish[r],
+            logprobs_R=torch.tensor(logprobs[r]) if return_logprobs else None,
         )
-        for r in range(len(prompts) * group_size)
+        for r in range(len(responses))
     ]

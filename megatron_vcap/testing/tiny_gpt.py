@@ -32,8 +32,14 @@ class TinyGPTConfig:
     core_attention: str = "local"  # "local" (Megatron DotProductAttention) or "sdpa"
 
 
-def build_tiny_mrope_gpt(cfg: TinyGPTConfig | None = None, tensor_parallel_size: int = 1):
-    """Build the model (random init from the current torch seed) in eval mode."""
+def build_tiny_mrope_gpt(
+    cfg: TinyGPTConfig | None = None,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+):
+    """Build the model (random init from the current torch seed) in eval mode; at PP > 1 this
+    rank's stage (its share of the layers; embedding on the first, output layer on the last)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
@@ -56,6 +62,8 @@ def build_tiny_mrope_gpt(cfg: TinyGPTConfig | None = None, tensor_parallel_size:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        pipeline_dtype=cfg.dtype,
         params_dtype=cfg.dtype,
         bf16=cfg.dtype == torch.bfloat16,
         use_cpu_initialization=True,
@@ -80,5 +88,7 @@ def build_tiny_mrope_gpt(cfg: TinyGPTConfig | None = None, tensor_parallel_size:
         position_embedding_type="mrope",
         rotary_base=cfg.rotary_base,
         share_embeddings_and_output_weights=False,
+        pre_process=pipeline_parallel_size == 1 or ps.is_pipeline_first_stage(),
+        post_process=pipeline_parallel_size == 1 or ps.is_pipeline_last_stage(),
     )
     return model.eval()

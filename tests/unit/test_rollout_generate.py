@@ -155,7 +155,7 @@ def test_unsupported_parallel_layouts_are_rejected():
             super().__init__()
             self.config = type("C", (), cfg)()
 
-    with pytest.raises(ConfigError, match="pipeline"):
+    with pytest.raises(ConfigError, match="PP=2; pass its pp_group"):
         check_generation_parallelism(Fake(pipeline_model_parallel_size=2), None)
     with pytest.raises(ConfigError, match="sequence_parallel"):
         check_generation_parallelism(Fake(sequence_parallel=True), None)

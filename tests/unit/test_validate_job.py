@@ -61,7 +61,7 @@ GRPO_PP = ["parallel.pipeline_model_parallel_size=2", "grpo.prompts_per_step=2"]
     "overrides,world_size,needle",
     [
         # The four failures that used to surface only after init_distributed / model build.
-        (GRPO_PP, 2, "parallel.pipeline_model_parallel_size: 2, but generation"),
+        # (GRPO at PP > 1 is accepted since rollouts run through the pipeline, issue 12.)
         (["grpo.prompts_per_step=6"], 4, "grpo.prompts_per_step: 6 is not divisible by the data"),
         (["data.train_manifest={root}/empty.jsonl"], 1, "empty.jsonl is empty"),
         (["model.hf_path={root}"], 1, "has no config.json"),
@@ -102,6 +102,10 @@ def test_good_layouts_pass(ws):
     )
     assert check.dp_size == 2 and check.model_dir == ws["model"]
     assert "TP2 x PP1 x DP2 on 4 rank(s)" in check.summary()
+    # GRPO at PP=2: rollouts run through the pipeline stages.
+    check = validate_job(job(ws, *GRPO_PP), 4)
+    assert (check.mode, check.dp_size) == ("grpo", 2)
+    assert "TP1 x PP2 x DP2 on 4 rank(s)" in check.summary()
 
 
 def test_eval_mode_takes_model_and_manifest_from_the_command_line(ws):
@@ -146,14 +150,15 @@ def _vcap(*args, env=None):
     )
 
 
-def test_cli_check_catches_grpo_pp_and_probes_the_judge(ws):
+def test_cli_check_catches_a_bad_batch_and_probes_the_judge(ws):
     """One subprocess per outcome: a bad job exits 2 with one line; a good one prints the plan."""
     paths = [f"model.hf_path={ws['model']}", f"data.train_manifest={ws['manifest']}"]
     recipe = str(ROOT / "configs/demo_cpu.yaml")
-    bad = _vcap("train", "--config", recipe, "--check", "--world-size", "2", *paths, *GRPO_PP)
+    bad_batch = ["grpo.prompts_per_step=3"]  # not divisible by DP = 2
+    bad = _vcap("train", "--config", recipe, "--check", "--world-size", "2", *paths, *bad_batch)
     assert bad.returncode == 2, bad.stderr
     lines = [x for x in bad.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and "pipeline_model_parallel_size" in lines[0], bad.stderr
+    assert len(lines) == 1 and "grpo.prompts_per_step" in lines[0], bad.stderr
     with FakeOpenAIServer() as server:
         judge = ["judge.kind=openai", f"judge.base_url={server.base_url}"]
         good = _vcap("train", "--config", recipe, "--check", "--probe-judge", *paths, *judge)
