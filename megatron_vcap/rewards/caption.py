@@ -22,9 +22,15 @@ _EPS = 1e-9
 
 
 def compute_coverage(verdicts: Sequence[str]) -> float:
-    """Fraction of verdicts that are ``entailment``; 0.0 for an empty list."""
+    """Fraction of verdicts that are ``entailment``; 1.0 for an empty list.
+
+    An empty list is nothing to miss: DREAM-1K's AutoDQ scores it 1.0 on its side (4 of its
+    clips have no ground-truth events), and so do we, for recall (no reference events) and for
+    precision (a caption without events) alike (issue 14, item 8). Failing such a sample
+    instead would drop it from the loss for a reason the policy cannot change.
+    """
     if not verdicts:
-        return 0.0
+        return 1.0
     return sum(v == "entailment" for v in verdicts) / len(verdicts)
 
 

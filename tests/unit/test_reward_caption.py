@@ -58,7 +58,12 @@ def test_step_score_with_other_deltas():
 def test_contradiction_and_neutral_do_not_count():
     v = ["entailment", "contradiction", "neutral", "entailment"]
     assert compute_coverage(v) == 0.5
-    assert compute_coverage([]) == 0.0
+    # Issue 14, item 8: an empty list is nothing to miss -> 1.0 (DREAM-1K AutoDQ).
+    assert compute_coverage([]) == 1.0
+    assert compute_escore([], mode="step") == (1.0, {"coverage": 1.0})
+    # f1: a caption with no events of its own has precision 1.0 on that side.
+    score, m = compute_escore(verdicts(1, 2), mode="f1", precision_verdicts=[])
+    assert m == {"coverage": 0.5, "precision": 1.0} and score == pytest.approx(2 * 0.5 / 1.5)
 
 
 def test_escore_linear_and_f1_by_hand():

@@ -108,3 +108,95 @@ def test_bad_config_values_are_one_line_errors(tmp_path, manifest, capsys):
     assert main(["reward", "score", "--manifest", str(bad_manifest), "--responses", str(responses),
                  "--out", str(tmp_path / "o.jsonl")]) == 2  # fmt: skip
     assert f"{bad_manifest}:1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- issue 14, items 5 and 7
+def _responses(tmp_path, n=4):
+    rows = [
+        {"id": "clip-1" if i % 2 == 0 else "clip-2",
+         "response": render_response([GT], f"The man does task0 take{i}.")}
+        for i in range(n)
+    ]  # fmt: skip
+    return write_jsonl(tmp_path / "responses.jsonl", rows)
+
+
+def _score(manifest, responses, out, server, *extra):
+    return main(
+        [
+            "reward", "score", "--manifest", str(manifest), "--responses", str(responses),
+            "--out", str(out), "--judge", "openai", "--judge-url", server.base_url,
+            "--judge-model", "m", "--quiet", "reward.escore_mode=linear",
+            "judge.backoff_s=0.01", "judge.max_backoff_s=0.02", *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_exit_1_when_judge_failures_exceed_the_fraction(tmp_path, manifest, capsys):
+    responses = _responses(tmp_path, 4)
+    with FakeOpenAIServer(script=["http_401"] * 3) as server:  # 401 is not retried
+        rc = _score(manifest, responses, tmp_path / "s.jsonl", server)
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "failed on 3 of 4 judged responses" in captured.err
+    assert "http_401: 3" in captured.err and "--max-failure-fraction 0.05" in captured.err
+    # Everything is still written, failures included.
+    rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and sum(r["failed"] for r in rows) == 3
+    summary = json.loads((tmp_path / "s.jsonl.summary.json").read_text())
+    assert summary["judge/requests"] == 4 and summary["judge/failed/http_401"] == 3
+    # A looser bar accepts the same run.
+    with FakeOpenAIServer(script=["http_401"] * 3) as server:
+        rc = _score(manifest, responses, tmp_path / "t.jsonl", server,
+                    "--max-failure-fraction", "0.8", "--no-judge-cache")  # fmt: skip
+    assert rc == 0
+
+
+def test_judge_cache_is_on_by_default_next_to_the_output(tmp_path, manifest):
+    responses = _responses(tmp_path, 4)
+    out = tmp_path / "s.jsonl"
+    with FakeOpenAIServer() as server:
+        assert _score(manifest, responses, out, server) == 0
+        assert server.stats["requests"] == 4
+    assert len(list((tmp_path / "s.jsonl.judge_cache").rglob("*.json"))) == 4
+    first = out.read_text()
+    # A rerun is answered from the cache: a server that only fails is never asked.
+    out.unlink()
+    with FakeOpenAIServer(faults={"http_500": 1.0}) as server:
+        assert _score(manifest, responses, out, server) == 0
+        assert server.stats["requests"] == 0
+    assert out.read_text() == first
+
+
+def test_resume_from_a_partial_output(tmp_path, manifest, capsys):
+    responses = _responses(tmp_path, 6)
+    full = tmp_path / "full.jsonl"
+    with FakeOpenAIServer() as server:
+        assert _score(manifest, responses, full, server, "--no-judge-cache") == 0
+    lines = full.read_text().splitlines(keepends=True)
+    # A killed run: three lines written, the fourth torn mid-write.
+    out = tmp_path / "s.jsonl"
+    (tmp_path / "s.jsonl.partial").write_text("".join(lines[:3]) + lines[3][:25])
+    with FakeOpenAIServer() as server:
+        assert _score(manifest, responses, out, server, "--no-judge-cache") == 0
+        assert server.stats["requests"] == 3  # only the unscored responses
+    assert "resuming: 3 of 6" in capsys.readouterr().err
+    assert out.read_text() == full.read_text()
+    assert not (tmp_path / "s.jsonl.partial").exists()
+    summary = json.loads((tmp_path / "s.jsonl.summary.json").read_text())
+    assert summary["responses"] == 6 and summary["resumed"] == 3
+    # A partial output that is not this run's is refused, naming the line.
+    (tmp_path / "s.jsonl.partial").write_text(lines[1])
+    with FakeOpenAIServer() as server:
+        assert _score(manifest, responses, out, server) == 2
+    assert "s.jsonl.partial:1: does not match the responses file" in capsys.readouterr().err
+
+
+def test_a_key_passed_as_the_variable_name_is_never_echoed(tmp_path, manifest, capsys):
+    key = "sk-proj-Zq8xW3vB6nM1kL4jH7gF0dS9aP2oI5uY"
+    responses = _responses(tmp_path, 1)
+    with FakeOpenAIServer() as server:
+        rc = _score(manifest, responses, tmp_path / "s.jsonl", server, "--judge-key-env", key)
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert key not in captured.err and key not in captured.out
+    assert "looks like an API key" in captured.err

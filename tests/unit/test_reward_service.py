@@ -126,7 +126,7 @@ def test_fault_injection_nothing_lost_or_duplicated():
     reward_cfg = RewardConfig(escore_mode="linear")
     with (
         FakeOpenAIServer() as clean_server,
-        RewardService(reward_cfg, openai_cfg(clean_server)) as svc,
+        RewardService(reward_cfg, openai_cfg(clean_server, timeout_s=10.0)) as svc,
     ):
         expected = svc.score(requests)
     assert not any(r.failed for r in expected)
@@ -169,6 +169,15 @@ def test_fault_injection_nothing_lost_or_duplicated():
     assert metrics["judge/retries"] > 0
     assert loss_mask(results, "drop") == [not r.failed for r in results]
     assert loss_mask(results, "zero") == [True] * 200
+
+
+def test_no_reference_events_scores_one_and_is_not_a_failure():
+    """Issue 14, item 8: DREAM-1K's protocol scores an empty event list 1.0; no judge call."""
+    with FakeOpenAIServer() as server, RewardService(RewardConfig(), openai_cfg(server)) as svc:
+        (result,) = svc.score([task_request("empty", 0, 0)])
+        assert server.stats["requests"] == 0
+    assert not result.failed and result.failure_reason is None
+    assert result.caption == 1.0 and result.details["coverage"] == 1.0
 
 
 def test_close_marks_unfinished_samples_failed():

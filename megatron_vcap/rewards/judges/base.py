@@ -93,8 +93,7 @@ class Judge(ABC):
         try:
             if caption_score == "cnscore":
                 return Judgment(rating=await self.rate(job.reference, job.caption))
-            if not job.events:
-                raise JudgeError("no_reference_events", "the sample has no ground-truth events")
+            # No reference events: recall is 1.0 (compute_coverage), no request needed.
             if escore_mode != "f1":
                 return Judgment(verdicts=await self.entail(job.caption, job.events))
             verdicts, caption_events = await asyncio.gather(

@@ -131,10 +131,6 @@ class EmbeddedJudge(Judge):
         for job in jobs:
             if caption_score == "cnscore":
                 out.append(Judgment(rating=self.rate_sync(job.reference, job.caption)))
-            elif not job.events:
-                out.append(
-                    Judgment(error="no_reference_events: the sample has no ground-truth events")
-                )
             elif escore_mode == "f1":
                 events = self.extract_events_sync(job.caption)
                 out.append(
