@@ -128,6 +128,32 @@ def test_vdc_ckpt_draws_each_type_instruction_from_its_pool(tiny_ckpt, tmp_path)
     assert res["settings"]["max_new_tokens"] == 10
 
 
+def test_carebench_ckpt_with_an_instruction_template_of_the_users(tiny_ckpt, tmp_path):
+    fx = tiny_ckpt
+    names = sorted(p.name for p in fx["videos"].glob("*.mp4"))[:3]
+    ann = tmp_path / "CAREBENCH.json"
+    ann.write_text(json.dumps([
+        {"video": n, "caption": f"A thing {i} moves.", "events": [f"thing {i} moves"],
+         "category": "Sports & Exercise"} for i, n in enumerate(names)
+    ]))  # fmt: skip
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "carebench_instruction.txt").write_text("Tell me everything about this clip.\n")
+    out = tmp_path / "out"
+    argv = ["eval", "carebench", "--annotations", str(ann), "--templates", str(templates),
+            *_gen_flags(fx)[2:]]  # fmt: skip
+    with FakeOpenAIServer(require_schema=False, answer=ScriptedJudge(default=True)) as server:
+        assert vcap_main([*argv, *judge_flags(server, out)]) == 0
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == names
+    assert {r["instruction"] for r in rows} == {"Tell me everything about this clip."}
+    res = json.loads((out / "results.json").read_text())
+    assert res["num_samples"] == 3 and res["failed"] == 0
+    assert set(res["action"]["categories"]) == {"Sports & Exercise"}
+    assert res["settings"]["templates"] == str(templates)
+    assert (out / "carebench.png").is_file()
+
+
 class _VdcJudge:
     """Answers every VDC question with "x"; a verdict "yes" / 3 for questions ending in q0."""
 

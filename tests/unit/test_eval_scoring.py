@@ -250,3 +250,4 @@ def test_vdc_official_drops_zero_videos_unbiased_keeps_them(tmp_path):
     assert res["failed_qa"] == 1 and res["failed"] == 0 and res["num_samples"] == 3
     report = (out / "report.md").read_text()
     assert report.index("unbiased aggregation") < report.index("official aggregation")
+    assert (out / "vdc.png").stat().st_size > 1000
