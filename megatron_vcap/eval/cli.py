@@ -76,6 +76,9 @@ def _data_args(p, bench: str, *, required: bool = True) -> None:
         default="stop",
         help="a missing video or caption: stop with the list (default) or skip and count it",
     )
+    p.add_argument(
+        "--limit", type=int, default=None, help="only the first N samples (VDC: of each type)"
+    )
 
 
 def _generation_args(p) -> None:

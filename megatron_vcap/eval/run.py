@@ -47,16 +47,31 @@ def parse_types(text: str | None) -> list[str]:
 
 
 def load_samples(args, templates) -> list[EvalSample]:
+    """The benchmark's samples; ``--limit N`` keeps the first N (VDC: of each type)."""
     if args.benchmark == "dream1k":
-        return read_dream1k(args.annotations)
-    if args.benchmark == "carebench":
+        samples = read_dream1k(args.annotations)
+    elif args.benchmark == "carebench":
         samples = read_carebench(args.annotations)
         instruction = templates["carebench_instruction"].text()
         for s in samples:
             s.instruction = instruction
-        return samples
-    types = parse_types(args.types)
-    return read_vdc(args.qa_dir, types, load_vdc_pools(args.prompt_pools, types))
+    else:
+        types = parse_types(args.types)
+        samples = read_vdc(args.qa_dir, types, load_vdc_pools(args.prompt_pools, types))
+    limit = getattr(args, "limit", None)
+    if limit is not None:
+        if limit < 1:
+            raise EvalDataError(f"--limit: must be >= 1, got {limit}")
+        taken: dict[str, int] = {}
+        kept = []
+        for s in samples:
+            taken[s.vtype] = taken.get(s.vtype, 0) + 1
+            if taken[s.vtype] <= limit:
+                kept.append(s)
+        log.warning("--limit %d: %d of %d samples (not a full benchmark run)", limit, len(kept),
+                    len(samples))  # fmt: skip
+        samples = kept
+    return samples
 
 
 def build_judge_config(args):
@@ -171,6 +186,7 @@ def score(args, samples, preds, templates, settings: dict) -> dict:
         "judge_temperature": judge_cfg.temperature,
         "judge_max_retries": judge_cfg.max_retries,
         "templates": args.templates or "default",
+        "limit": getattr(args, "limit", None),
     }
     results["judge_stats"] = stats
     write_outputs(out, bench, results, records)

@@ -144,8 +144,13 @@ def test_missing_captions_stop_or_skip(tmp_path, capsys):
         assert vcap_main(argv) == 2
         assert "no caption for 1 sample(s): 5" in capsys.readouterr().err
         assert vcap_main([*argv, "--on-missing", "skip"]) == 0
+        # --limit 2: the first two samples only, recorded in the settings.
+        argv = [*argv[:6], *judge_flags(server, tmp_path / "o2"), "--limit", "2"]
+        assert vcap_main(argv) == 0
     res = json.loads((tmp_path / "o1" / "results.json").read_text())
     assert res["missing"] == 1 and res["num_samples"] == 5
+    res = json.loads((tmp_path / "o2" / "results.json").read_text())
+    assert res["num_samples"] == 2 and res["settings"]["limit"] == 2
 
 
 # ------------------------------------------------------------------------------ CAREBENCH
