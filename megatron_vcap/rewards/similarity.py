@@ -26,6 +26,7 @@ and ``matrix(rows, cols, kind=...)``.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -38,6 +39,7 @@ import numpy as np
 
 # Kana and Han (CJK unified ideographs, extension A, compatibility, supplementary planes).
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+_ASCII_WORD = re.compile(r"[a-z0-9]+")
 _TOKEN = re.compile(rf"(?P<cjk>[{_CJK}]+)|(?P<word>[^\W_{_CJK}]+)|(?P<sym>\S)")
 # Function characters that split a CJK run before it is cut into bigrams (never tokens).
 _CJK_STOP = re.compile(
@@ -55,6 +57,7 @@ upstairs downstairs left right"""
 _KEEP_DOUBLE = ("ll", "ss", "zz")
 
 
+@functools.lru_cache(maxsize=65536)
 def stem_token(word: str) -> str:
     """Light, deterministic suffix stripping: plural -s/-es/-ies, -ing and -ed forms.
 
@@ -94,6 +97,8 @@ def _fold(text: str) -> str:
 
 def tokenize(text: str) -> list[str]:
     """Word, CJK-bigram and emoji tokens of a phrase, folded and stemmed, stop words kept."""
+    if text.isascii():  # the common case, same tokens as below: no CJK, no emoji in ASCII
+        return [stem_token(w) for w in _ASCII_WORD.findall(text.lower())]
     out: list[str] = []
     for m in _TOKEN.finditer(_fold(text)):
         if m.lastgroup == "word":
@@ -181,10 +186,17 @@ _OPPOSITE = _opposites()
 
 @dataclass(frozen=True)
 class ItemTokens:
-    """An item's weighted tokens (token -> count x role weight) and the verbs it must share."""
+    """An item's weighted tokens (token -> count x role weight) and the verbs it must share.
+
+    ``total`` / ``verb_total`` are weight sums and ``opposites`` the union of its tokens'
+    opposites, precomputed once per item because every pair reuses them.
+    """
 
     weights: dict[str, float]
     verbs: frozenset[str]
+    total: float = 0.0
+    verb_total: float = 0.0
+    opposites: frozenset[str] = frozenset()
 
 
 def item_tokens(text: str, *, action: bool = False) -> ItemTokens:
@@ -202,14 +214,25 @@ def item_tokens(text: str, *, action: bool = False) -> ItemTokens:
     for t in tokens:
         w = 2.0 if t in verbs else 0.5 if t in _PARTICLES else 1.0
         weights[t] = weights.get(t, 0.0) + w
-    return ItemTokens(weights, frozenset(verbs) if action else frozenset())
+    gated = frozenset(verbs) if action else frozenset()
+    opposites = frozenset().union(*(_OPPOSITE.get(t, ()) for t in weights))
+    return ItemTokens(
+        weights,
+        gated,
+        total=sum(weights.values()),
+        verb_total=sum(weights[t] for t in gated),
+        opposites=opposites,
+    )
 
 
 def items_contradict(pred: ItemTokens, gt: ItemTokens) -> bool:
     """True when a token only the prediction has is the opposite of one only the truth has."""
+    if pred.opposites.isdisjoint(gt.weights):  # the common case: nothing to check
+        return False
     only_gt = gt.weights.keys() - pred.weights.keys()
-    return any(_OPPOSITE.get(t, frozenset()) & only_gt for t in pred.weights.keys() - only_gt
-               if t not in gt.weights)  # fmt: skip
+    return any(
+        not only_gt.isdisjoint(_OPPOSITE.get(t, ())) for t in pred.weights if t not in gt.weights
+    )
 
 
 def compute_item_similarity(pred: ItemTokens, gt: ItemTokens) -> float:
@@ -220,14 +243,21 @@ def compute_item_similarity(pred: ItemTokens, gt: ItemTokens) -> float:
     """
     if not pred.weights or not gt.weights or items_contradict(pred, gt):
         return 0.0
-    shared = {t: min(w, pred.weights[t]) for t, w in gt.weights.items() if t in pred.weights}
-    dice = 2.0 * sum(shared.values()) / (sum(pred.weights.values()) + sum(gt.weights.values()))
-    ratios = [dice]
-    for part in (gt.verbs, gt.weights.keys() - gt.verbs):
-        total = sum(gt.weights[t] for t in part)
-        if total > 0:
-            ratios.append(sum(shared.get(t, 0.0) for t in part) / total)
-    return min(ratios)
+    shared = shared_verbs = 0.0
+    for t, w in gt.weights.items():
+        p = pred.weights.get(t)
+        if p is not None:
+            m = w if w < p else p
+            shared += m
+            if t in gt.verbs:
+                shared_verbs += m
+    best = 2.0 * shared / (pred.total + gt.total)
+    if gt.verb_total > 0:
+        best = min(best, shared_verbs / gt.verb_total)
+    other_total = gt.total - gt.verb_total
+    if other_total > 0:
+        best = min(best, (shared - shared_verbs) / other_total)
+    return best
 
 
 class LexicalSimilarity:
