@@ -39,6 +39,9 @@ def _prf_table(title: str, label: str, blocks: dict[str, dict]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for name, b in blocks.items():
+        if b["n"] == 0:  # a subset without scored samples has no score (and is not averaged)
+            lines.append(f"| {name} | - | - | - | 0 |")
+            continue
         lines.append(
             f"| {name} | {_pct(b['f1'])} | {_pct(b['precision'])} | {_pct(b['recall'])} | {b['n']} |"
         )
@@ -76,7 +79,8 @@ def render_report(bench: str, results: dict) -> str:
                 lines.append(f"| {t} | {_pct(b['accuracy'])} | {b['score']:.2f} | {b['n']} |")
             avg = agg["average"]
             lines += [f"| **average** | {_pct(avg['accuracy'])} | {avg['score']:.2f} | |", ""]
-    lines += [f"Failed samples (dropped, not scored 0): {results['failed']}", ""]
+    lines += [f"Failed samples (dropped, not scored 0): {results['failed']}; samples without a "
+              f"caption (skipped): {results.get('missing', 0)}", ""]  # fmt: skip
     lines += _settings_table(results["settings"])
     return "\n".join(lines)
 
@@ -89,7 +93,7 @@ def plot_chart(bench: str, results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     if bench == "dream1k":
-        bars = {k: v["f1"] for k, v in results["subsets"].items()}
+        bars = {k: v["f1"] for k, v in results["subsets"].items() if v["n"]}
         bars["overall"] = results["overall"]["f1"]
         ylabel = "event F1 (%)"
     elif bench == "carebench":
@@ -101,7 +105,7 @@ def plot_chart(bench: str, results: dict, path: Path) -> None:
             )
         ylabel = "F1 (%)"
     else:
-        bars = {k: v["accuracy"] for k, v in results["types"].items()}
+        bars = {k: v["accuracy"] for k, v in results["types"].items() if v["n"]}
         bars["average"] = results["average"]["accuracy"]
         ylabel = f"accuracy (%), {results['aggregation']} aggregation"
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(bars) + 2), 4))
