@@ -171,7 +171,8 @@ def memory(m: ModelShape, w: Workload, lay: Layout) -> dict[str, float]:
     if w.mode == "grpo":
         prompts = min(w.prompts_per_batch, max(w.prompts_per_step // d, 1))
         rows = prompts * w.group_size
-        per_token = 2 * m.layers * max(m.kv_heads / t, 1) * m.head_dim * 2
+        # Each pipeline stage caches its own layers' keys and values (rollout/pipeline.py).
+        per_token = 2 * (m.layers / p) * max(m.kv_heads / t, 1) * m.head_dim * 2
         kv_cache = rows * seq * per_token
         kv_shared = (prompts * w.prompt_tokens + rows * w.response_tokens) * per_token
 
@@ -242,14 +243,15 @@ def step_seconds(
 
 
 def candidate_layouts(m: ModelShape, w: Workload, nodes: int, gpus_per_node: int):
-    """TP within a node dividing the heads and the KV groups (Megatron's rule); PP dividing the layers (GRPO: PP=1,
-    the rollout engine does not pipeline); DP dividing the prompts (or samples) per step."""
+    """TP within a node dividing the heads and the KV groups (Megatron's rule); PP dividing the
+    layers (GRPO rollouts run through the stages too); DP dividing the prompts (or samples) per
+    step."""
     n = nodes * gpus_per_node
     for tp in range(1, gpus_per_node + 1):
         if gpus_per_node % tp or m.heads % tp or m.kv_heads % tp:
             continue
         for pp in range(1, n // tp + 1):
-            if (n // tp) % pp or m.layers % pp or (w.mode == "grpo" and pp > 1):
+            if (n // tp) % pp or m.layers % pp:
                 continue
             dp = n // (tp * pp)
             if w.prompts_per_step % dp:
