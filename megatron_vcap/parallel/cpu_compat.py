@@ -19,6 +19,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _INSTALLED = False
+_MODE: TorchFunctionMode | None = None  # the process-wide device redirect, once installed
 
 
 def _is_cuda_device(device) -> bool:
@@ -92,7 +93,9 @@ def install() -> None:
     torch.Tensor.type = _tensor_type_as_cuda
     mp_random._get_cuda_rng_state = _cpu_get_rng_state
     mp_random._set_cuda_rng_state = _cpu_set_rng_state
-    _CudaToCpuMode().__enter__()  # stays on the mode stack for the life of the process
+    global _MODE
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()  # stays on the mode stack for the life of the process
     _INSTALLED = True
 
 
@@ -101,6 +104,32 @@ def maybe_install() -> bool:
     if not torch.cuda.is_available():
         install()
     return _INSTALLED
+
+
+@contextlib.contextmanager
+def device_redirect_suspended():
+    """Run a block without the process-wide device redirect (a no-op when it is not installed
+    or another mode sits above it on the stack).
+
+    A ``TorchFunctionMode`` costs a Python call on every torch op; in a KV-cached decode step of
+    a small model (hundreds of tiny ops per token) that was about half of the CPU time. Only
+    code that creates no tensors on a ``"cuda"`` device may run inside: Megatron allocates its
+    KV buffers with ``device=torch.cuda.current_device()``, so prefill keeps the redirect.
+    """
+    try:  # private: the mode stack has no public reader; without it, stay safe and keep the mode
+        from torch.overrides import _get_current_function_mode_stack
+
+        stack = _get_current_function_mode_stack()
+    except ImportError:
+        stack = []
+    if _MODE is None or not stack or stack[-1] is not _MODE:
+        yield
+        return
+    _MODE.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _MODE.__enter__()
 
 
 @contextlib.contextmanager

@@ -28,12 +28,14 @@ C = cache columns, S = prompt tokens, V = vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_vcap.config.loader import ConfigError
+from megatron_vcap.parallel.cpu_compat import device_redirect_suspended
 from megatron_vcap.rollout.kv_cache import SlotKVCache, new_prefill_context
 from megatron_vcap.rollout.sampling import SamplingParams, chosen_token_logprobs, sample_tokens
 from megatron_vcap.rollout.stopping import DecodeFn, StopChecker
@@ -192,6 +194,11 @@ class _Decoder:
         self.responses: list[list[int]] = [[] for _ in range(rows)]
         self.logprobs: list[list[float]] = [[] for _ in range(rows)]
         self.finish: list[str | None] = [None] * rows
+        # One stage and one TP rank: a decode step only reads and writes the preallocated cache,
+        # so the CPU device redirect (a Python call on every torch op) can step aside. TP's
+        # gathers allocate on torch.cuda.current_device(), which needs the redirect.
+        single = tp_group is None or dist.get_world_size(tp_group) == 1
+        self._decode_scope = device_redirect_suspended if single else contextlib.nullcontext
 
     def _choose(self, logits_bV: torch.Tensor) -> torch.Tensor:
         group = self.tp_group
@@ -244,14 +251,15 @@ class _Decoder:
         mask = None
         if layout.pad_BC is not None:
             mask = layout.pad_BC[batch_B, : column + 1][:, None, None, :]
-        logits_BV = _call_model(
-            self.model,
-            layout.tokens_BC[batch_B, column : column + 1],
-            layout.positions_3BC[:, batch_B, : column + 1],
-            mask,
-            self.cache.context,
-            {},
-        )
+        with self._decode_scope():
+            logits_BV = _call_model(
+                self.model,
+                layout.tokens_BC[batch_B, column : column + 1],
+                layout.positions_3BC[:, batch_B, : column + 1],
+                mask,
+                self.cache.context,
+                {},
+            )
         # Rows still reading their prompt (aligned layout) only refresh their cache here.
         generating_B = (layout.gen_start_B[batch_B] <= column) & ~self.done_all[batch_B]
         self.emit(batch_B[generating_B], logits_BV[generating_B])
