@@ -176,7 +176,9 @@ def profile_ours(paths, s, backend: str) -> None:
         t_decode, frames = timed(decode)
         rh, rw = smart_resize(meta.height, meta.width, 28, s.min_pixels, s.max_pixels)
         t_resize, resized = timed(lambda f=frames, h=rh, w=rw: resize_frames(f, h, w))
-        t_patch, _ = timed(lambda r=resized: patchify(r))
+        t_patch, _ = timed(
+            lambda r=resized: patchify(r, patch_size=14, temporal_patch_size=2, merge_size=2)
+        )
         print(
             f"  {p.name:40s} {len(indices):2d} frames {meta.width}x{meta.height} -> {rw}x{rh}: "
             f"open+index {t_open:6.0f}  decode+rgb {t_decode - t_open:6.0f}  "
