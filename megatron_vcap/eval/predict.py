@@ -1,7 +1,8 @@
 """Benchmark captions from a Megatron checkpoint: greedy, batched, KV-cached, sharded over ranks.
 
-The checkpoint (a training one or one made by ``vcap convert``) is loaded at any TP (PP = 1, as
-all generation here); the samples still to caption are split over the data-parallel ranks, and
+The checkpoint (a training one or one made by ``vcap convert``) is loaded at any TP and PP
+(generation runs through the pipeline stages, ``rollout/pipeline.py``); the samples still to
+caption are split over the data-parallel ranks, and
 each rank generates its share in batches through the rollout engine (``rollout.generate``: the
 prompt prefilled once into the KV cache, then batched decoding). Every batch's captions are
 appended to ``<out>/generation/part-dp<r>.jsonl`` (flushed and fsynced) by the rank's first TP
@@ -220,8 +221,6 @@ def _check_before_launch(cfg, args, world_size: int) -> None:
     if not (Path(args.ckpt) / "hf" / "config.json").is_file():
         raise ConfigError(f"--ckpt {args.ckpt}: no hf/config.json (not a megatron_vcap checkpoint)")
     cfg.parallel.validate_world_size(world_size)
-    if cfg.parallel.pipeline_model_parallel_size != 1:
-        raise ConfigError("parallel.pipeline_model_parallel_size: generation needs PP = 1 (use TP)")
 
 
 def generate_predictions(args, samples: list[EvalSample]):
@@ -289,6 +288,7 @@ def generation_settings(args, cfg, ctx, *, reused: int, missing: list[str]) -> d
         "instruction": "structured-thinking" if args.structured else "benchmark",
         "prompts_per_batch": cfg.rollout.prompts_per_batch,
         "tp": cfg.parallel.tensor_model_parallel_size,
+        "pp": cfg.parallel.pipeline_model_parallel_size,
         "dp": ctx.dp_size,
         "captions_reused": reused,
         "missing_videos": len(missing),

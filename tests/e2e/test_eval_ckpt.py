@@ -185,16 +185,20 @@ def test_two_data_parallel_ranks_give_the_same_captions_as_one(tiny_ckpt, tmp_pa
 
 
 @pytest.mark.slow
-def test_tensor_parallel_generation_gives_the_same_captions(tiny_ckpt, tmp_path):
-    """The TP=1 checkpoint loaded at TP=2 (Megatron's dist-checkpoint reshards it)."""
+@pytest.mark.parametrize("layout", ["tensor", "pipeline"])
+def test_model_parallel_generation_gives_the_same_captions(tiny_ckpt, tmp_path, layout):
+    """The 1-rank checkpoint loaded at TP=2 or PP=2 (Megatron's dist-checkpoint reshards it);
+    PP=2 also meets a last batch of one row, fewer than the stages."""
     fx = tiny_ckpt
     out1 = tmp_path / "one"
     assert vcap_main(["eval", "predict", "dream1k", *_gen_flags(fx), "--out", str(out1)]) == 0
-    tp2 = _torchrun_predict(fx, tmp_path / "tp2", "parallel.tensor_model_parallel_size=2")
-    assert _captions(tp2) == _captions(out1)
-    settings = json.loads((tp2 / "generation.json").read_text())
-    assert (settings["tp"], settings["dp"]) == (2, 1)
-    assert [p.name for p in (tp2 / "generation").glob("part-*.jsonl")] == ["part-dp000.jsonl"]
+    out2 = _torchrun_predict(fx, tmp_path / "mp2", f"parallel.{layout}_model_parallel_size=2")
+    assert _captions(out2) == _captions(out1)
+    settings = json.loads((out2 / "generation.json").read_text())
+    assert (settings["tp"], settings["pp"], settings["dp"]) == (
+        (2, 1, 1) if layout == "tensor" else (1, 2, 1)
+    )
+    assert [p.name for p in (out2 / "generation").glob("part-*.jsonl")] == ["part-dp000.jsonl"]
 
 
 def _torchrun_predict(fx, out: Path, *overrides: str) -> Path:
