@@ -389,6 +389,11 @@ def test_grpo_tp2_update_and_exact_resume(workspace):
     sft = [json.loads(x) for x in (root / "sft/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sft] == [1, 2, 3, 4, 5]
     assert sft[-1]["nll_mean"] < sft[0]["nll_mean"], [r["nll_mean"] for r in sft]
+    # The loss is the token mean over both ranks' targets, so the DP merge of nll_mean must be
+    # token-weighted to equal it (the ranks' target lengths differ: an unweighted mean of the
+    # two ranks' means is off by ~1e-4 relative here).
+    for r in sft:
+        assert abs(r["nll_mean"] - r["loss"]) < 1e-6 * r["loss"], (r["nll_mean"], r["loss"])
 
     # Extended 3 -> 5 steps: steps 1-3 used the 3-step cosine, steps 4-5 continue the config's
     # 5-step cosine from step 3 (warmup 1: the update of step k uses the LR at k - 1).

@@ -98,5 +98,7 @@ def test_microbatch_merge_all_invalid_batch_reports_no_ratio_and_tokens_sum():
     # exp(-0.3) with adv > 0 and exp(0.4) with adv < 0 keep the unclipped, larger term). Token-
     # weighted over the 4 valid tokens: 1/4; an unweighted mean of (1/3, 0, 0) would be 1/9.
     assert m["clip_frac"] == pytest.approx(0.25)
+    # The merged value carries its token count, so the data-parallel merge weights it by tokens.
+    assert m["clip_frac"].weight == 4.0 and m["ratio_mean"].weight == 4.0
     with pytest.raises(KeyError, match="nll_mean"):
         reduce_microbatch_metrics([{"num_tokens": 1.0, "nll_mean": 1.0}], GRPO_STEP_REDUCTIONS)
