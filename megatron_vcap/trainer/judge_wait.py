@@ -63,7 +63,7 @@ def wait_for_judge(judge_cfg, *, poll_s: float = 2.0, clock=time.monotonic) -> s
                 f"(judge.wait_s); {state}"
             )
         if not announced:
-            log.info("waiting for the judge: %s (%s)", path, url or "no URL yet")
+            log.warning("waiting for the judge: %s (%s)", path, url or "no URL yet")
             announced = True
         time.sleep(poll_s)
     log.info("judge at %s (from %s)", url, path)

@@ -8,7 +8,9 @@ Clients find this cluster through ``SLURM_CONF`` (see :meth:`LocalSlurm.env`).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -74,6 +76,9 @@ ReturnToService=2
 # Time between the SIGTERM of a preemption / requeue and the SIGKILL: the checkpoint's budget.
 KillWait=120
 MinJobAge=600
+# Job ids pick the trainers' rendezvous port (launch_env: 20000 + id % 20000); a random first
+# id keeps two test clusters on one machine off each other's ports.
+FirstJobId={random.randint(1000, 19000)}
 NodeName={host} CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
@@ -154,6 +159,15 @@ class LocalSlurm:
     def stop(self) -> None:
         if "slurmctld" in self.procs:
             subprocess.run(["scancel", "--full", "--user=root"], env=self.env(), timeout=30)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                out = subprocess.run(["squeue", "-h"], env=self.env(), capture_output=True,
+                                     text=True, timeout=30)  # fmt: skip
+                if out.returncode != 0 or not out.stdout.strip():
+                    break
+                time.sleep(0.5)
+        # Job step daemons (slurmstepd) and whatever still runs under them outlive slurmd.
+        leftovers = _descendants(self.procs["slurmd"]) if "slurmd" in self.procs else []
         for name in reversed(list(self.procs)):
             pid = self.procs.pop(name)
             try:
@@ -164,6 +178,9 @@ class LocalSlurm:
             while time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.1)
             if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
     # -- job helpers ---------------------------------------------------------------------------
@@ -212,6 +229,23 @@ class LocalSlurm:
         if out.returncode != 0:
             raise RuntimeError(f"scontrol {' '.join(args)}: {out.stderr.strip()}")
         return out.stdout
+
+
+def _descendants(root: int) -> list[int]:
+    """PIDs of every process below ``root`` (from /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _alive(pid: int) -> bool:

@@ -88,9 +88,14 @@ def _submit(slurm, ws, script: str, name: str, args: list[str], ntasks: int = 1)
     )
 
 
-def _log(ws, name: str) -> str:
+def _log(ws, name: str, run_dir: Path | None = None) -> str:
+    """The job's output, then (with ``run_dir``) the trainer's own log files (INFO records go
+    there; the console is quiet)."""
     path = Path(ws["root"]) / f"{name}.out"
-    return path.read_text() if path.is_file() else ""
+    text = path.read_text() if path.is_file() else ""
+    if run_dir is not None:
+        text += "".join(p.read_text() for p in sorted((run_dir / "logs").glob("*.log")))
+    return text
 
 
 def _assert_ok(slurm, ws, job: int, name: str, timeout: float) -> dict:
@@ -160,7 +165,7 @@ def test_grpo_job_requeued_mid_run_resumes_exactly(slurm, workspace, straight):
     info = _assert_ok(slurm, workspace, job, "requeued", 900)
     assert info["Restarts"] == "1", info
 
-    log = _log(workspace, "requeued")
+    log = _log(workspace, "requeued", run_dir)
     stops = re.findall(r"stopping at step (\d+) \(stop signal\).*?([\d.]+) s after SIGTERM", log)
     assert stops, log[-6000:]
     stop_step = int(stops[0][0])
@@ -239,7 +244,7 @@ def test_time_limit_warning_saves_and_the_job_requeues_itself(slurm, workspace):
         time.sleep(0.5)
     slurm.scontrol("update", f"JobId={job}", "StartTime=now")
     _assert_ok(slurm, workspace, job, "usr1", 900)
-    log = _log(workspace, "usr1")
+    log = _log(workspace, "usr1", run_dir)
     assert "vcap sbatch: USR1 at" in log and "requeueing job" in log, log[-4000:]
     stop = re.search(r"stopping at step (\d+) \(stop signal\).*s after SIGUSR1", log)
     assert stop, log[-4000:]
@@ -276,3 +281,80 @@ def test_judge_server_job_publishes_its_url(slurm, workspace):
         time.sleep(0.2)
     assert not url_file.exists(), "a cancelled judge left its URL behind"
     assert "judge answers at" in out.read_text()
+
+
+_JUDGE_STAND_IN = '''
+"""The fake OpenAI judge (loopback) exposed on 0.0.0.0:PORT by a byte relay, for a het job."""
+import socket, sys, threading
+from megatron_vcap.testing.fake_openai import FakeOpenAIServer
+
+def pipe(a, b, requests):
+    try:
+        while data := a.recv(65536):
+            for _ in range(data.count(b"POST /v1/chat/completions") if requests else 0):
+                print("judge stand-in: chat request", flush=True)
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+server = FakeOpenAIServer().start()
+target = int(server.base_url.rsplit(":", 1)[1].split("/")[0])
+listener = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+while True:
+    client, _ = listener.accept()
+    upstream = socket.create_connection(("127.0.0.1", target))
+    for a, b, requests in ((client, upstream, True), (upstream, client, False)):
+        threading.Thread(target=pipe, args=(a, b, requests), daemon=True).start()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_heterogeneous_job_trains_against_its_own_judge(slurm, workspace):
+    """train_with_judge.sbatch: component 0 serves a (stand-in) judge, component 1 trains
+    GRPO with judge.kind=openai, waiting on judge.base_url_file; the judge is really asked."""
+    from megatron_vcap.parallel.multiprocess import find_free_port
+
+    root = Path(workspace["root"])
+    stand_in = root / "judge_stand_in.py"
+    stand_in.write_text(_JUDGE_STAND_IN)
+    port = find_free_port()
+    run_dir = root / "het"
+    env = {**_job_env(), "JUDGE_IMAGE": "none", "JUDGE_PORT": str(port),
+           "JUDGE_CMD": f"{sys.executable} {stand_in} {port}",
+           "JUDGE_URL_FILE": str(root / "het_judge_url")}  # fmt: skip
+    args = [a for a in _train_args(workspace, run_dir) if not a.startswith("train.steps")]
+    out = root / "het.out"
+    job = slurm.sbatch(
+        [
+            f"--output={out}",
+            "--ntasks=1",
+            *CPU_JOB,
+            ":",
+            "--ntasks=1",
+            *CPU_JOB,
+            str(REPO / "examples/slurm/train_with_judge.sbatch"),
+            "/models/none",
+            *args,
+            "train.steps=2",
+            "reward.caption_score=escore",
+            "judge.wait_s=600",
+        ],  # fmt: skip
+        cwd=REPO,
+        env=env,
+    )
+    info = slurm.wait(job, 1500)
+    log = out.read_text() + "".join(p.read_text() for p in sorted((run_dir / "logs").glob("*")))
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-6000:]
+    assert "judge answers at" in log and "judge stopped" in log, log[-4000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert re.search(r"judge at http://\S+ \(from \S+het_judge_url\)", log), log[-4000:]
+    # The trainer's caption rewards asked the judge (chat completions through the relay).
+    assert "judge stand-in: chat request" in log, log[-4000:]
