@@ -218,9 +218,21 @@ def _build_model(cfg, ckpt: str):
 
 
 def _check_before_launch(cfg, args, world_size: int) -> None:
-    if not (Path(args.ckpt) / "hf" / "config.json").is_file():
+    """What can fail before a process group exists: the checkpoint folder, the launch's world
+    size against the layout, the model's split over TP x PP."""
+    from megatron_vcap.models.hf_config import (
+        check_parallel_layout,
+        describe_hf_config,
+        load_hf_config,
+    )
+
+    hf_dir = Path(args.ckpt) / "hf"
+    if not (hf_dir / "config.json").is_file():
         raise ConfigError(f"--ckpt {args.ckpt}: no hf/config.json (not a megatron_vcap checkpoint)")
     cfg.parallel.validate_world_size(world_size)
+    p = cfg.parallel
+    spec = describe_hf_config(load_hf_config(hf_dir))
+    check_parallel_layout(spec, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
 
 
 def generate_predictions(args, samples: list[EvalSample]):

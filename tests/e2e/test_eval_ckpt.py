@@ -98,6 +98,19 @@ def test_ckpt_generation_judging_and_resume(tiny_ckpt, tmp_path):
         assert server.stats["requests"] == before  # same captions -> same prompts -> cached
 
 
+def test_ckpt_layout_checked_before_any_process_group(tiny_ckpt, tmp_path, capsys):
+    fx = tiny_ckpt
+    argv = ["eval", "predict", "dream1k", *_gen_flags(fx), "--out", str(tmp_path / "o")]
+    assert vcap_main([*argv, "parallel.tensor_model_parallel_size=3"]) == 2
+    assert "world size 1 is not divisible by tensor" in capsys.readouterr().err
+    bad = tmp_path / "notackpt"
+    bad.mkdir()
+    argv[argv.index("--ckpt") + 1] = str(bad)
+    assert vcap_main(argv) == 2
+    assert "no hf/config.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_vdc_ckpt_draws_each_type_instruction_from_its_pool(tiny_ckpt, tmp_path):
     import random
 
