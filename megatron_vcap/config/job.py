@@ -180,6 +180,12 @@ def validate_job(
     if world_size < 1:
         raise ConfigError(f"world size: must be >= 1, got {world_size}")
     dp_size = _check_layout(cfg, world_size)
+    if mode in ("grpo", "eval") and cfg.parallel.sequence_parallel:
+        # Generation decodes one token per step; it cannot be split over the sequence.
+        raise ConfigError(
+            f"parallel.sequence_parallel: true, but {mode} generates with one-token decode steps, "
+            "which cannot be split over the sequence (set it false)"
+        )
     _check_batches(cfg, mode, dp_size)
     hf_dir = Path(model_dir) if model_dir is not None else resolve_hf_dir(cfg)
     _check_model_dir(cfg, hf_dir, "--ckpt" if model_dir is not None else "model.hf_path")

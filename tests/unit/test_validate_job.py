@@ -62,6 +62,11 @@ GRPO_PP = ["parallel.pipeline_model_parallel_size=2", "grpo.prompts_per_step=2"]
     [
         # The four failures that used to surface only after init_distributed / model build.
         # (GRPO at PP > 1 is accepted since rollouts run through the pipeline, issue 12.)
+        (
+            ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+            2,
+            "parallel.sequence_parallel: true, but grpo generates",
+        ),
         (["grpo.prompts_per_step=6"], 4, "grpo.prompts_per_step: 6 is not divisible by the data"),
         (["data.train_manifest={root}/empty.jsonl"], 1, "empty.jsonl is empty"),
         (["model.hf_path={root}"], 1, "has no config.json"),
