@@ -4,8 +4,9 @@ On a fresh machine, no downloads, no GPU: make synthetic videos with exact capti
 events and a tiny tokenizer, build a tiny Qwen2.5-VL-architecture model directory, run a short
 SFT warm start and then GRPO with the embedded judge (each on 2 gloo ranks, launched exactly as a
 user launches training: ``torchrun -m megatron_vcap train``), evaluate the SFT and GRPO
-checkpoints on held-out videos with greedy decoding, print a before/after table and write a
-reward-curve PNG. Every stage goes through the same code paths as a real run.
+checkpoints on held-out videos with greedy decoding, export the GRPO result to Hugging Face
+format (``<out>/hf``, loadable with ``AutoProcessor`` + ``AutoModelForImageTextToText``), print
+a before/after table and the training reward's trend, and write the plot. Every stage goes through the same code paths as a real run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -26,11 +27,11 @@ class DemoSettings:
     num_train: int = 160
     num_eval: int = 48
     sft_steps: int = 150
-    grpo_steps: int = 30
+    grpo_steps: int = 150
     sft_lr: float = 2e-3
     # Adam's first steps move every weight by ~lr; for a policy-gradient update of a 1M-parameter
     # model, 3e-5 keeps the per-step change of sequence log-probs at a few nats.
-    grpo_lr: float = 3e-5
+    grpo_lr: float = 5e-5
     nproc: int = 2
     seed: int = 0
     # Tiny model: hidden size, LM layers, vision depth.
@@ -129,31 +130,102 @@ def _torchrun(nproc: int, args: list[str]) -> list[str]:
     ]
 
 
-def reward_curve_png(metrics_file: Path, out_png: Path) -> None:
+COMPONENTS = (  # (metrics key suffix, label)
+    ("total", "total"),
+    ("format", "format"),
+    ("think", "think (Tscore)"),
+    ("caption", "caption (Escore)"),
+)
+
+
+def load_reward_series(metrics_file: Path) -> dict[str, list[float]]:
+    """Per-step mean training reward of each component from a GRPO ``metrics.jsonl``."""
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    series = {"step": [r["step"] for r in rows]}
+    for key, _ in COMPONENTS:
+        series[key] = [r.get(f"reward/{key}_mean", float("nan")) for r in rows]
+    return series
+
+
+def compute_trend(values: list[float]) -> dict[str, float]:
+    """Last quarter's mean minus first quarter's, in standard errors of that difference.
+
+    The per-step values of each quarter are taken as independent draws (each is already a mean
+    over the step's samples); se = sqrt(var_first / n + var_last / n) with sample variances.
+    """
+    import statistics
+
+    n = len(values) // 4
+    if n < 2:
+        return {"first": float("nan"), "last": float("nan"), "diff": float("nan"),
+                "se": float("nan"), "z": float("nan"), "quarter_steps": n}  # fmt: skip
+    first, last = values[:n], values[-n:]
+    diff = statistics.fmean(last) - statistics.fmean(first)
+    se = (statistics.variance(first) / n + statistics.variance(last) / n) ** 0.5
+    z = diff / se if se > 0 else float("inf") * (1 if diff > 0 else -1 if diff < 0 else 0)
+    return {"first": statistics.fmean(first), "last": statistics.fmean(last), "diff": diff,
+            "se": se, "z": z, "quarter_steps": n}  # fmt: skip
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def reward_curve_png(metrics_file: Path, out_png: Path, before: dict, after: dict) -> None:
+    """Left: per-step training reward per component, raw (faint) and a moving average. Right:
+    held-out greedy scores of the SFT and SFT + GRPO checkpoints per component."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (
-        ("reward/total_mean", "total"),
-        ("reward/format_mean", "format"),
-        ("reward/think_mean", "think (Tscore)"),
-        ("reward/caption_mean", "caption (Escore)"),
-    ):
-        if any(key in r for r in rows):
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=label)
+    series = load_reward_series(metrics_file)
+    steps = series["step"]
+    window = max(3, len(steps) // 10)
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=(3, 2))
+    for i, (key, label) in enumerate(COMPONENTS):
+        color = f"C{i}"
+        ax.plot(steps, series[key], color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, moving_average(series[key], window), color=color, linewidth=2, label=label)
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("mean training reward")
-    ax.set_title("megatron_vcap demo: GRPO reward")
+    ax.set_title(f"training reward (faint: per step; bold: {window}-step moving average)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", fontsize=8)
+    width = 0.38
+    xs = range(len(COMPONENTS))
+    for offset, (name, scores) in ((-width / 2, ("SFT", before)),
+                                   (width / 2, ("SFT + GRPO", after))):  # fmt: skip
+        heights = [scores[key] for key, _ in COMPONENTS]
+        drawn = bars.bar([x + offset for x in xs], heights, width, label=name)
+        bars.bar_label(drawn, fmt="%.2f", fontsize=7)
+    bars.set_xticks(list(xs), [label.split(" ")[0] for _, label in COMPONENTS])
+    bars.set_ylabel("held-out score (greedy)")
+    bars.set_title("held-out: SFT vs SFT + GRPO")
+    bars.grid(alpha=0.3, axis="y")
+    bars.legend(fontsize=8)
+    fig.suptitle("megatron_vcap demo")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
+
+
+def format_trends(trends: dict[str, dict]) -> str:
+    lines = [f"{'training reward':<20}{'first 1/4':>10}{'last 1/4':>10}{'change':>9}{'z':>7}"]
+    for key, label in COMPONENTS:
+        t = trends[key]
+        lines.append(f"{label.split(' ')[0]:<20}{t['first']:>10.3f}{t['last']:>10.3f}"
+                     f"{t['diff']:>+9.3f}{t['z']:>7.1f}")  # fmt: skip
+    n = trends["total"]["quarter_steps"]
+    lines.append(f"(z: change / its standard error over the {n} steps of each quarter)")
+    return "\n".join(lines)
 
 
 def format_table(before: dict, after: dict) -> str:
@@ -184,6 +256,18 @@ def _evaluate(s: DemoSettings, ckpt: Path, manifest: Path, out_json: Path, log: 
 
 
 def run_demo(out: Path, s: DemoSettings) -> dict:
+    from megatron_vcap.trainer.run_logging import setup_run_logging
+
+    # This process's own library records and warnings go to <out>/logs/demo.log; each stage's
+    # console goes to <out>/logs/<stage>.log (and its full record to <stage dir>/logs/).
+    run_logging = setup_run_logging(out, 0, verbose=False, file_name="demo.log")
+    try:
+        return _run_stages(out, s)
+    finally:
+        run_logging.close()
+
+
+def _run_stages(out: Path, s: DemoSettings) -> dict:
     from megatron_vcap.data.synth import make_synthetic_dataset
 
     t_start = time.perf_counter()
@@ -220,15 +304,38 @@ def run_demo(out: Path, s: DemoSettings) -> dict:
                                             logs / f"eval_{name}.log")  # fmt: skip
         results[name] = json.loads(path.read_text())["summary"]
 
-    reward_curve_png(out / "grpo" / "metrics.jsonl", out / "reward_curve.png")
+    hf_out = out / "hf"
+    print(f"[demo] exporting the GRPO checkpoint to Hugging Face format: {hf_out}", flush=True)
+    timings["export"] = _export(checkpoints["grpo"], hf_out)
+
+    metrics_file = out / "grpo" / "metrics.jsonl"
+    trends = {key: compute_trend(v) for key, v in load_reward_series(metrics_file).items()
+              if key != "step"}  # fmt: skip
+    plot = out / "reward_curve.png"
+    reward_curve_png(metrics_file, plot, results["sft"], results["grpo"])
     timings["total"] = time.perf_counter() - t_start
     summary = {"sft": results["sft"], "grpo": results["grpo"], "seconds": timings,
-               "gain_total": results["grpo"]["total"] - results["sft"]["total"]}  # fmt: skip
+               "gain_total": results["grpo"]["total"] - results["sft"]["total"],
+               "training_trend": trends, "hf_export": str(hf_out),
+               "settings": asdict(s)}  # fmt: skip
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + format_table(results["sft"], results["grpo"]))
-    print(f"\nreward curve: {out / 'reward_curve.png'}; summary: {out / 'demo_summary.json'}")
+    print("\n" + format_trends(trends))
+    print(f"\nplot: {plot}\nHugging Face export: {hf_out}\nsummary: {out / 'demo_summary.json'}")
     print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), flush=True)
     return summary
+
+
+def _export(ckpt: Path, hf_out: Path) -> float:
+    """``vcap convert mcore-to-hf`` of ``ckpt`` (in this process); returns seconds."""
+    from megatron_vcap.convert.mcore_to_hf import convert_mcore_to_hf
+
+    start = time.perf_counter()
+    print(f"$ vcap convert mcore-to-hf --ckpt {ckpt} --out {hf_out}", flush=True)
+    if hf_out.exists():
+        shutil.rmtree(hf_out)
+    convert_mcore_to_hf(ckpt, hf_out, progress=False)
+    return time.perf_counter() - start
 
 
 def _final_checkpoint(run_dir: Path) -> Path:

@@ -93,7 +93,8 @@ def setup_run_logging(
         logging.captureWarnings(True)
         for name in _SELF_HANDLED:
             logger = logging.getLogger(name)
-            old = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+            # torch's is a logging._StderrHandler, not a StreamHandler: keep only files.
+            old = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
             for h in old:
                 logger.removeHandler(h)
             logger.addHandler(file_handler)

@@ -59,6 +59,7 @@ def test_default_console_is_quiet_and_verbose_brings_the_records_back(tmp_path):
     quiet = _launch(ws, 1, nproc=2, verbose=False)
     assert not PY_WARNING.search(quiet), quiet
     assert "Params for bucket" not in quiet and MEGATRON_IMPORT_WARNING not in quiet
+    assert "No CUDA runtime is found" not in quiet  # torch's own stderr handler, swapped too
     # One summary and one step line: rank 0 only.
     assert quiet.count("[vcap] layout: TP1 x PP1 x DP2 on 2 rank(s)") == 1, quiet
     assert quiet.count("[vcap] model: ") == 1 and "M parameters" in quiet
