@@ -21,7 +21,7 @@ from megatron_vcap.progress import progress
 log = logging.getLogger(__name__)
 
 
-def _prepare(samples, data_cfg, tokenizer, *, show_progress: bool = False):
+def _prepare(samples, data_cfg, tokenizer):
     """Decode + preprocess each sample into a loader-like item (sample, video, prompt)."""
     from types import SimpleNamespace
 
@@ -29,7 +29,7 @@ def _prepare(samples, data_cfg, tokenizer, *, show_progress: bool = False):
     from megatron_vcap.data.vision import process_sample_video
 
     items = []
-    for sample in progress(samples, desc="decode", unit="video", enabled=show_progress):
+    for sample in samples:
         video = process_sample_video(sample, data_cfg)
         items.append(
             SimpleNamespace(sample=sample, video=video, prompt=build_prompt(tokenizer, video))
@@ -51,7 +51,8 @@ def evaluate_items(
     pp_group=None,
 ) -> list[dict]:
     """Greedy responses for ``items`` and their reward components, one dict per item
-    (``show_progress``: a bar over the batches on a terminal's stderr)."""
+    (``show_progress``: a bar over the batches on a terminal's stderr). ``reward_service=None``
+    (the non-leading ranks of a model-parallel group) generates only and returns no records."""
     from megatron_vcap.rl.policy import decode_responses
     from megatron_vcap.rollout.generate import generate
     from megatron_vcap.rollout.sampling import SamplingParams
@@ -75,6 +76,8 @@ def evaluate_items(
                 tp_group=tp_group,
                 pp_group=pp_group,
             )
+        if reward_service is None:  # another rank of this model replica scores the batch
+            continue
         texts = decode_responses(tokenizer, outputs)
         requests = prompt_builder.reward_requests(chunk, outputs, texts)
         results = reward_service.submit(requests).result()
@@ -127,20 +130,29 @@ def evaluate_main(cfg, ckpt_dir: str, manifest: str, out_path: str, batch_size: 
     load_model_checkpoint(ckpt_dir, model)
     samples = load_manifest(manifest)
     mine = samples[ctx.dp_rank :: ctx.dp_size]
-    items = _prepare(mine, cfg.data, tokenizer, show_progress=ctx.rank == 0)
-    with RewardService(cfg.reward, cfg.judge) as service:
-        records = evaluate_items(
-            model,
-            items,
-            PromptBuilder(tokenizer, hf_config),
-            tokenizer,
-            service,
-            rollout_cfg=cfg.rollout,
-            batch_size=batch_size,
-            tp_group=ctx.tp_group,
-            show_progress=ctx.rank == 0,
-            pp_group=ctx.pp_group,
-        )
+    # One judge per model replica: the other TP / PP ranks generate with it but do not score.
+    leader = ctx.tp_rank == 0 and ctx.pp_rank == 0
+    service = RewardService(cfg.reward, cfg.judge) if leader else None
+    builder = PromptBuilder(tokenizer, hf_config)
+    records = []
+    try:
+        starts = range(0, len(mine), batch_size)
+        for start in progress(starts, desc="eval", unit="batch", enabled=ctx.rank == 0):
+            # Decoded one batch at a time: memory holds one batch of clips, not the manifest.
+            items = _prepare(mine[start : start + batch_size], cfg.data, tokenizer)
+            records += evaluate_items(
+                model,
+                items,
+                builder,
+                tokenizer,
+                service,
+                rollout_cfg=cfg.rollout,
+                batch_size=batch_size,
+                tp_group=ctx.tp_group,
+            )
+    finally:
+        if service is not None:
+            service.close()
     gathered = [None] * ctx.dp_size
     if ctx.dp_size > 1:
         dist.all_gather_object(gathered, records, group=ctx.dp_group_gloo)
@@ -148,6 +160,10 @@ def evaluate_main(cfg, ckpt_dir: str, manifest: str, out_path: str, batch_size: 
         gathered = [records]
     all_records = [r for part in gathered for r in part]
     summary = summarize(all_records)
+    if ctx.world_size > 1:  # the leaders' DP group holds every record; rank 0 is one of them
+        shared = [summary]
+        dist.broadcast_object_list(shared, src=0)
+        summary = shared[0]
     if ctx.rank == 0:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(

@@ -140,6 +140,8 @@ def _tp_update(ws: dict, tp: int, rollouts_holder: dict) -> Path:
         trainer_state={"scheduler": comps.bundle.scheduler.state_dict()},
         rank_state={},
     )
+    if tp == 2:
+        _check_eval_reward_at_tp2(cfg, ctx, path, ws)
     destroy_distributed(process_group=False)
     # Adam's first step is ~lr * sign(grad): the weights alone would not see a gradient-scale
     # error, so the (scale-sensitive) gradient norm and loss are compared as well.
@@ -264,6 +266,32 @@ def _check_collect_rewards(controller, cfg, ctx, items, outputs):
     assert v0.tolist() == [not r.failed for r in results]  # reward.on_judge_failure: drop
     assert 1 <= sum(r.failed for r in results) < len(results), [r.failed for r in results]
     torch.testing.assert_close(r0, torch.tensor([r.total for r in results]), rtol=0, atol=1e-6)
+
+
+def _check_eval_reward_at_tp2(cfg, ctx, ckpt_path, ws):
+    """``vcap eval reward``'s entry on the TP=2 checkpoint: one judge (RewardService) per model
+    replica, on TP rank 0; both ranks return the same summary of every held-out sample."""
+    import megatron_vcap.rewards.service as service_mod
+    from megatron_vcap.eval.reward_eval import evaluate_main
+
+    built = []
+
+    class CountingService(service_mod.RewardService):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    real = service_mod.RewardService
+    service_mod.RewardService = CountingService
+    try:
+        out = Path(ws["root"]) / "eval_tp2.json"
+        summary = evaluate_main(cfg, str(ckpt_path), ws["manifest"], str(out), batch_size=3)
+    finally:
+        service_mod.RewardService = real
+    assert len(built) == (1 if ctx.tp_rank == 0 else 0), (ctx.tp_rank, built)
+    assert summary["num_samples"] == 4, summary  # the manifest's 4 samples, each scored once
+    if ctx.rank == 0:
+        assert len(json.loads(out.read_text())["samples"]) == 4
 
 
 def _resume_runs(ws: dict) -> dict:
