@@ -71,7 +71,8 @@ SwitchType=switch/none
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
-SchedulerType=sched/builtin
+# backfill: heterogeneous jobs are only scheduled by it
+SchedulerType=sched/backfill
 ReturnToService=2
 # Time between the SIGTERM of a preemption / requeue and the SIGKILL: the checkpoint's budget.
 KillWait=120

@@ -29,6 +29,15 @@ STEPS = 4
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]
 
 
+def slow_toy_reward(response: str, request) -> float:
+    """``reward.custom_fn`` of the training jobs: the toy reward, 0.5 s per sample (the
+    samples of a rank are scored on ``reward.num_workers`` = 2 threads)."""
+    from tests.distributed.test_grpo_trainer import toy_reward
+
+    time.sleep(0.5)
+    return toy_reward(response, request)
+
+
 def _job_env() -> dict:
     return {
         "IMAGE": "none",
@@ -68,7 +77,8 @@ def _train_args(ws: dict, run_dir: Path) -> list[str]:
         "train.lr=1e-3",
         f"train.run_dir={run_dir}",
         "checkpoint.keep_last=8",
-        "reward.custom_fn=tests.distributed.test_grpo_trainer:toy_reward",
+        # Steps of >= 1 s: a signal sent once step 1 is logged lands while steps remain.
+        "reward.custom_fn=tests.slurm.test_sbatch:slow_toy_reward",
     ]
 
 
@@ -139,7 +149,7 @@ def _wait_for_step(path: Path, slurm, job: int, timeout: float) -> None:
             return
         if slurm.job(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
             raise AssertionError(f"job {job} ended before its first step: {slurm.job(job)}")
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise TimeoutError(f"no step logged in {path} after {timeout} s")
 
 
@@ -233,8 +243,7 @@ def test_time_limit_warning_saves_and_the_job_requeues_itself(slurm, workspace):
     (sent here at once with ``scancel --signal=USR1 --batch``): the script forwards it, the
     trainer saves and exits 75, the script requeues the job, which resumes and finishes."""
     run_dir = Path(workspace["root"]) / "usr1"
-    args = [*_train_args(workspace, run_dir)[:-1], "train.steps=3",
-            "reward.custom_fn=tests.distributed.test_grpo_trainer:toy_reward"]  # fmt: skip
+    args = [*_train_args(workspace, run_dir), "train.steps=5"]
     job = _submit(slurm, workspace, "train_grpo.sbatch", "usr1", args, ntasks=2)
     _wait_for_step(run_dir / "metrics.jsonl", slurm, job, 900)
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm.env(), check=True)
@@ -250,7 +259,7 @@ def test_time_limit_warning_saves_and_the_job_requeues_itself(slurm, workspace):
     assert stop, log[-4000:]
     assert re.search(rf"resumed from \S+step_0*{stop.group(1)} at step {stop.group(1)}", log)
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3], steps
+    assert steps == [1, 2, 3, 4, 5], steps
 
 
 @pytest.mark.timeout(600)
