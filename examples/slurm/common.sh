@@ -85,7 +85,11 @@ _vcap_forward() {
 vcap_step() {
   trap '_vcap_forward USR1' USR1
   trap '_vcap_forward TERM' TERM
-  srun --kill-on-bad-exit=1 "$@" &
+  # Not --kill-on-bad-exit: after a preemption save the ranks exit 75 a moment apart, and
+  # killing the slower ones would turn the step's 75 into a failure. --wait bounds how long the
+  # other tasks may run on after the first one ended (a crashed rank's peers hang in
+  # collectives): VCAP_TASK_EXIT_WAIT seconds, default 120.
+  srun --kill-on-bad-exit=0 --wait="${VCAP_TASK_EXIT_WAIT:-120}" "$@" &
   VCAP_SRUN_PID=$!
   local rc
   # `wait` returns early (>128) whenever a trapped signal arrives; wait again until srun ends.
