@@ -26,6 +26,7 @@ import torch
 
 from megatron_vcap.parallel.multiprocess import run_on_ranks
 from tests.distributed.test_grpo_trainer import _hf_tensors, recipe_path
+from tests.workspace import tiny_grpo_workspace
 
 _FIRE = threading.Event()
 
@@ -108,18 +109,7 @@ def _runs(ws: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from megatron_vcap.data.synth import make_synthetic_dataset
-    from megatron_vcap.demo.demo import DemoSettings, build_model_dir
-    from megatron_vcap.models.hf_config import load_hf_config
-    from megatron_vcap.models.presets import build_tiny_hf_model
-
-    root = tmp_path_factory.mktemp("preemption")
-    data = make_synthetic_dataset(root / "data", 4, seed=7, width=64, height=48, fps=4, seconds=2)
-    model_dir = build_model_dir(
-        root, data.tokenizer_dir, DemoSettings(hidden=64, layers=2, vision_depth=1)
-    )
-    build_tiny_hf_model(load_hf_config(model_dir), seed=4).save_pretrained(model_dir)
-    return {"root": str(root), "model": str(model_dir), "manifest": str(data.manifest)}
+    return tiny_grpo_workspace(tmp_path_factory.mktemp("preemption"))
 
 
 @pytest.mark.timeout(900)

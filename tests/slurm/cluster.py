@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tools.gpu.common import descendants
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "sacct", "scancel")
 
@@ -168,7 +170,7 @@ class LocalSlurm:
                     break
                 time.sleep(0.5)
         # Job step daemons (slurmstepd) and whatever still runs under them outlive slurmd.
-        leftovers = _descendants(self.procs["slurmd"]) if "slurmd" in self.procs else []
+        leftovers = descendants(self.procs["slurmd"]) if "slurmd" in self.procs else []
         for name in reversed(list(self.procs)):
             pid = self.procs.pop(name)
             try:
@@ -230,23 +232,6 @@ class LocalSlurm:
         if out.returncode != 0:
             raise RuntimeError(f"scontrol {' '.join(args)}: {out.stderr.strip()}")
         return out.stdout
-
-
-def _descendants(root: int) -> list[int]:
-    """PIDs of every process below ``root`` (from /proc), children before grandchildren."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _alive(pid: int) -> bool:
