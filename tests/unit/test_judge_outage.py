@@ -158,3 +158,29 @@ def test_twenty_second_outage_with_default_settings():
     print(f"{len(failed)} of 300 failed; server down {down_s:.1f} s; judge {metrics}")
     assert down_s >= 20.0
     assert not failed, failed[0].failure_reason
+
+
+def test_a_late_answer_from_before_the_outage_does_not_close_the_breaker():
+    """Requests sent before the server went down may still be answered (or see their connection
+    dropped) after the first refused connect opened the breaker. Those answers say nothing about
+    the server now; only the probe's answer closes it. (CI once saw such late answers close it
+    twice within one 3 s outage: 3 outages and 143 refused connects.)"""
+    import asyncio
+
+    from megatron_vcap.rewards.judges.breaker import CircuitBreaker
+
+    now = [100.0]
+    breaker = CircuitBreaker(outage_timeout_s=600, first_interval_s=1.0, clock=lambda: now[0])
+
+    async def scenario():
+        breaker.unreachable(probe=False)  # first refused connect: open
+        assert breaker.is_open and breaker.outages == 1
+        breaker.reached(probe=False)  # a late answer to a request sent before the outage
+        assert breaker.is_open
+        now[0] += 1.0  # the first probe is due
+        assert await breaker.acquire() is True
+        breaker.reached(probe=True)  # the probe got through: closed
+        assert not breaker.is_open and breaker.outages == 1
+        assert await breaker.acquire() is False  # requests flow again, not as probes
+
+    asyncio.run(scenario())
