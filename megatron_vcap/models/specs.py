@@ -20,7 +20,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -220,6 +222,43 @@ class CausalSDPAttention(_SDPACoreAttention):
         return out.reshape(out.size(0), -1)
 
 
+class RotaryCachedSelfAttention(SelfAttention):
+    """Megatron's ``SelfAttention`` whose static KV cache holds keys *after* rotary embedding.
+
+    Megatron's static-batching path caches keys before rotary and rotates the whole cached
+    sequence again in every decode step (and the caller passes position ids for the whole
+    sequence so that the embedding covers it): per layer and step O(sequence) work that
+    ``transformers`` does not do. Here each step's new keys are rotated once, before they are
+    cached, and only the new query is rotated; the caller may pass position ids for the step's
+    tokens only (``rollout/generate.py`` does). Embeddings that span the whole sequence are
+    still accepted (sliced to the step's rows). Everything else (training forwards, dynamic
+    contexts, flash decode) goes through Megatron's code unchanged. Positions are per token,
+    not per cache column, so copying rotated keys between contexts and columns
+    (``rollout/kv_cache.py``) keeps them valid.
+    """
+
+    def _adjust_key_value_for_inference(
+        self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
+    ):
+        static = inference_context is not None and inference_context.is_static_batching()
+        if not static or rotary_pos_emb is None or self.config.flash_decode:
+            return super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
+            )
+        q_pos_emb, k_pos_emb = rotary_pos_emb  # [s, b, 1, d] each (Attention makes a pair)
+        start = inference_context.sequence_len_offset
+        if k_pos_emb.size(0) != key.size(0):  # embeddings of the whole sequence
+            q_pos_emb = q_pos_emb[start : start + query.size(0)]
+            k_pos_emb = k_pos_emb[start : start + key.size(0)]
+        key = apply_rotary_pos_emb(
+            key, k_pos_emb, config=self.config, cp_group=self.pg_collection.cp
+        )
+        query, key, value, _, attn_mask_type, block_table = super()._adjust_key_value_for_inference(
+            inference_context, query, key, value, None, *args, **kwargs
+        )
+        return query, key, value, (q_pos_emb, None), attn_mask_type, block_table
+
+
 def build_layer_spec(
     use_te: bool, *, rms_norm: bool, vision: bool, fp32: bool = False
 ) -> ModuleSpec:
@@ -231,7 +270,6 @@ def build_layer_spec(
     :class:`PackedSDPAttention` even with TE: TE's fused kernels take 16-bit inputs only.
     """
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 
     backend = _backend(use_te)
     fused_norm = backend.fuse_layernorm_and_linear()
@@ -252,7 +290,7 @@ def build_layer_spec(
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=SelfAttention if vision else RotaryCachedSelfAttention,
                 params={"attn_mask_type": mask_type},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=norm_linear,

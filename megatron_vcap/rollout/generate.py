@@ -255,7 +255,9 @@ class _Decoder:
             logits_BV = _call_model(
                 self.model,
                 layout.tokens_BC[batch_B, column : column + 1],
-                layout.positions_3BC[:, batch_B, : column + 1],
+                # This step's positions only: the cache holds rotated keys
+                # (``RotaryCachedSelfAttention``), so no embedding of the earlier columns.
+                layout.positions_3BC[:, batch_B, column : column + 1],
                 mask,
                 self.cache.context,
                 {},

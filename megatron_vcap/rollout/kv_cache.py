@@ -1,8 +1,9 @@
 """The decode-time KV cache: Megatron's ``StaticInferenceContext`` with rows we place ourselves.
 
 Megatron's static context keeps, per attention layer, plain key and value buffers of shape
-[max_seq, max_batch, groups, head_dim] (keys stored before rotary embedding, which is applied
-afresh each step from the position ids passed in). That lets us
+[max_seq, max_batch, groups, head_dim]. Our layers (``models/specs.RotaryCachedSelfAttention``)
+store keys after rotary embedding, so a decode step rotates only its new key and query (Megatron
+itself caches keys before rotary and rotates the whole cache every step). That lets us
 
 * prefill a prompt once in a small scratch context and copy its keys/values into the G rows of
   its group (group-prefix sharing: the video is encoded and the prompt attended once, not G

@@ -288,7 +288,7 @@ class PipelinedGenerator:
             mask = layout.pad_BC[batch_B, : column + 1][:, None, None, :]
         return self._forward(
             layout.tokens_BC[batch_B, column : column + 1],
-            layout.positions_3BC[:, batch_B, : column + 1],
+            layout.positions_3BC[:, batch_B, column : column + 1],  # rotated keys cached
             mask,
             mb.cache.context,
             {},

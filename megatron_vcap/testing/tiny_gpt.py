@@ -73,7 +73,12 @@ def build_tiny_mrope_gpt(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
     )
+    from megatron_vcap.models.specs import RotaryCachedSelfAttention
+
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # The model's own attention module (rotated keys in the decode cache), so that benchmarks
+    # and tests of generation measure the code the VLM runs.
+    spec.submodules.self_attention.module = RotaryCachedSelfAttention
     if cfg.core_attention == "sdpa":
         from megatron_vcap.models.specs import CausalSDPAttention
 
