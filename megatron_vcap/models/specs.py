@@ -17,6 +17,7 @@ equal length batched together).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +223,35 @@ class CausalSDPAttention(_SDPACoreAttention):
         return out.reshape(out.size(0), -1)
 
 
+class _RotaryTrig:
+    """cos and signed sin of one rotary-embedding tensor, computed once for all the layers that
+    are handed that same tensor in one forward (``GPTModel`` passes one ``rotary_pos_emb`` to
+    every layer). A one-entry cache keyed by a weak reference to the tensor: a new forward's
+    embedding is a new tensor and recomputes."""
+
+    def __init__(self):
+        self._freqs_ref = None
+        self._trig = None
+
+    def __call__(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._freqs_ref is None or self._freqs_ref() is not freqs:
+            half = freqs.size(-1) // 2
+            sin = torch.sin(freqs)
+            # rotate_half(t) * sin == roll(t, half) * [-sin_first_half, sin_second_half]
+            signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            self._trig = (torch.cos(freqs), signed)
+            self._freqs_ref = weakref.ref(freqs)
+        return self._trig
+
+
+def _rotate(t: torch.Tensor, trig: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Megatron's unfused, non-interleaved rotary (``_apply_rotary_pos_emb_bshd`` with the
+    rotary dim equal to the head dim), bit for bit, in four ops instead of about fifteen:
+    t [s, b, heads, d], cos / signed sin [s, b, 1, d]."""
+    cos, signed_sin = trig
+    return t * cos.to(t.dtype) + t.roll(t.size(-1) // 2, dims=-1) * signed_sin.to(t.dtype)
+
+
 class RotaryCachedSelfAttention(SelfAttention):
     """Megatron's ``SelfAttention`` whose static KV cache holds keys *after* rotary embedding.
 
@@ -229,13 +259,17 @@ class RotaryCachedSelfAttention(SelfAttention):
     sequence again in every decode step (and the caller passes position ids for the whole
     sequence so that the embedding covers it): per layer and step O(sequence) work that
     ``transformers`` does not do. Here each step's new keys are rotated once, before they are
-    cached, and only the new query is rotated; the caller may pass position ids for the step's
-    tokens only (``rollout/generate.py`` does). Embeddings that span the whole sequence are
-    still accepted (sliced to the step's rows). Everything else (training forwards, dynamic
-    contexts, flash decode) goes through Megatron's code unchanged. Positions are per token,
-    not per cache column, so copying rotated keys between contexts and columns
-    (``rollout/kv_cache.py``) keeps them valid.
+    cached, and so is the new query; the caller may pass position ids for the step's tokens
+    only (``rollout/generate.py`` does). Embeddings that span the whole sequence are still
+    accepted (sliced to the step's rows). cos and sin are computed once per forward for all
+    layers (:class:`_RotaryTrig`) where Megatron's unfused rotary is what would run (no fused
+    RoPE kernel, not interleaved, full-head rotary); otherwise Megatron's ``apply_rotary_pos_emb``
+    rotates. Everything else (training forwards, dynamic contexts, flash decode) goes through
+    Megatron's code unchanged. Positions are per token, not per cache column, so copying rotated
+    keys between contexts and columns (``rollout/kv_cache.py``) keeps them valid.
     """
+
+    _trig = _RotaryTrig()  # shared by every layer: one forward hands them all the same tensor
 
     def _adjust_key_value_for_inference(
         self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs
@@ -248,15 +282,28 @@ class RotaryCachedSelfAttention(SelfAttention):
         q_pos_emb, k_pos_emb = rotary_pos_emb  # [s, b, 1, d] each (Attention makes a pair)
         start = inference_context.sequence_len_offset
         if k_pos_emb.size(0) != key.size(0):  # embeddings of the whole sequence
-            q_pos_emb = q_pos_emb[start : start + query.size(0)]
+            same = q_pos_emb is k_pos_emb
             k_pos_emb = k_pos_emb[start : start + key.size(0)]
-        key = apply_rotary_pos_emb(
-            key, k_pos_emb, config=self.config, cp_group=self.pg_collection.cp
+            q_pos_emb = k_pos_emb if same else q_pos_emb[start : start + query.size(0)]
+        fast = (
+            q_pos_emb is k_pos_emb
+            and not self.config.apply_rope_fusion
+            and not self.config.rotary_interleaved
+            and k_pos_emb.size(-1) == key.size(-1)
         )
+        if fast:
+            trig = self._trig(k_pos_emb)
+            query, key = _rotate(query, trig), _rotate(key, trig)
+            rotary_pos_emb = (None, None)  # both rotated here
+        else:
+            key = apply_rotary_pos_emb(
+                key, k_pos_emb, config=self.config, cp_group=self.pg_collection.cp
+            )
+            rotary_pos_emb = (q_pos_emb, None)  # the query is rotated by Attention.forward
         query, key, value, _, attn_mask_type, block_table = super()._adjust_key_value_for_inference(
             inference_context, query, key, value, None, *args, **kwargs
         )
-        return query, key, value, (q_pos_emb, None), attn_mask_type, block_table
+        return query, key, value, rotary_pos_emb, attn_mask_type, block_table
 
 
 def build_layer_spec(
