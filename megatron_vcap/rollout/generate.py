@@ -251,17 +251,16 @@ class _Decoder:
         mask = None
         if layout.pad_BC is not None:
             mask = layout.pad_BC[batch_B, : column + 1][:, None, None, :]
-        with self._decode_scope():
-            logits_BV = _call_model(
-                self.model,
-                layout.tokens_BC[batch_B, column : column + 1],
-                # This step's positions only: the cache holds rotated keys
-                # (``RotaryCachedSelfAttention``), so no embedding of the earlier columns.
-                layout.positions_3BC[:, batch_B, column : column + 1],
-                mask,
-                self.cache.context,
-                {},
-            )
+        logits_BV = _call_model(
+            self.model,
+            layout.tokens_BC[batch_B, column : column + 1],
+            # This step's positions only: the cache holds rotated keys
+            # (``RotaryCachedSelfAttention``), so no embedding of the earlier columns.
+            layout.positions_3BC[:, batch_B, column : column + 1],
+            mask,
+            self.cache.context,
+            {},
+        )
         # Rows still reading their prompt (aligned layout) only refresh their cache here.
         generating_B = (layout.gen_start_B[batch_B] <= column) & ~self.done_all[batch_B]
         self.emit(batch_B[generating_B], logits_BV[generating_B])
@@ -276,15 +275,18 @@ class _Decoder:
         # the end of their prompt.
         pending_B = self.batch_B
         self.cache.start_decoding(column)
-        while not self.all_done:
-            starting_B = layout.gen_start_B[pending_B] == column
-            self.emit(pending_B[starting_B], first_logits_BV[pending_B[starting_B]])
-            pending_B = pending_B[~starting_B]
-            self.compact(column)
-            if self.all_done:
-                break
-            self.step(column)
-            column += 1
+        # The whole loop (steps, token choice, compaction) allocates only on the devices of
+        # existing tensors, so it runs without the CPU device redirect (see __init__).
+        with self._decode_scope():
+            while not self.all_done:
+                starting_B = layout.gen_start_B[pending_B] == column
+                self.emit(pending_B[starting_B], first_logits_BV[pending_B[starting_B]])
+                pending_B = pending_B[~starting_B]
+                self.compact(column)
+                if self.all_done:
+                    break
+                self.step(column)
+                column += 1
 
 
 def generate(
