@@ -13,6 +13,7 @@ def run(args) -> int:
         num_eval=args.num_eval,
         sft_steps=args.sft_steps,
         grpo_steps=args.grpo_steps,
+        grpo_temperature=args.grpo_temperature,
         nproc=args.nproc,
         seed=args.seed,
     )
@@ -30,6 +31,12 @@ def register(sub) -> None:
     p.add_argument("--num-eval", type=int, default=d.num_eval)
     p.add_argument("--sft-steps", type=int, default=d.sft_steps)
     p.add_argument("--grpo-steps", type=int, default=d.grpo_steps)
+    p.add_argument(
+        "--grpo-temperature",
+        type=float,
+        default=d.grpo_temperature,
+        help=f"rollout temperature of the GRPO stage (default {d.grpo_temperature})",
+    )
     p.add_argument("--nproc", type=int, default=d.nproc, help="gloo ranks per stage")
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=run)
