@@ -16,7 +16,8 @@ see ``megatron_vcap/testing/tiny_gpt.py``), the HF model with its default (SDPA)
    (prefix shared once per group, finished rows dropped) vs ``generate(num_return_sequences=G)``
    (prefills G copies, computes finished rows until the longest ends), in generated tokens/s.
 
-Each timing is the best of ``--repeats`` runs after one warm-up, in this one process.
+Each timing is the best of ``--repeats`` runs after one warm-up, in this one process; in [1] and
+[3] the contenders run in turn within each repeat, so load bursts from other processes hit all.
 Usage: ``python tools/bench_generate.py [--device cuda] [--dtype bf16] [--layers 4 --hidden 256 ...]``
 (``main`` also returns the figures as a dict: the GPU kit, ``tools/gpu/rollout.py``, reads them).
 """
@@ -158,20 +159,33 @@ def build_megatron(args, core_attention="local"):
     return build_tiny_mrope_gpt(cfg)
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats):
     """Best (minimum) wall time of ``repeats`` runs after a warm-up, and the last result: the
     minimum is the estimate least disturbed by other processes on a shared machine."""
-    fn()  # warm-up (allocator, kernels, lazy init)
-    times = []
+    best, out = timed_interleaved({"fn": fn}, repeats)
+    return best["fn"], out["fn"]
+
+
+def timed_interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """``timed`` for several contenders, run in turn within each repeat (a, b, c, a, b, c, ...),
+    so that a burst of load from other processes hits all of them rather than the one that
+    happened to be running: best seconds per name and each one's last result."""
+    for fn in fns.values():
+        fn()  # warm-up (allocator, kernels, lazy init)
+    best, out = dict.fromkeys(fns, float("inf")), {}
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+        for name, fn in fns.items():
+            _sync()
+            t0 = time.perf_counter()
+            out[name] = fn()
+            _sync()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best, out
 
 
 def hf_generate(hf, prompts, new_tokens, device, **sampling):
@@ -208,16 +222,18 @@ def bench_vs_transformers(hf, models, args):
     prompts = make_prompts(args.prompts, args.prompt_len, args.vocab, seed=1)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
     total = args.prompts * args.new_tokens
+    fns = {"transformers": lambda: hf_generate(hf, prompts, args.new_tokens, args.device)}
+    for name, mg in models.items():
+        fns[name] = lambda mg=mg: generate(mg, prompts, sampling=greedy)
     with torch.no_grad():
-        hf_s, theirs = timed(
-            lambda: hf_generate(hf, prompts, args.new_tokens, args.device), args.repeats
-        )
+        best, outs = timed_interleaved(fns, args.repeats)
+    hf_s, theirs = best["transformers"], outs["transformers"]
     print(f"[1] greedy, {args.prompts} prompts x {args.new_tokens} new tokens "
-          f"(prompt ~{args.prompt_len} tokens), same batch")  # fmt: skip
+          f"(prompt ~{args.prompt_len} tokens), same batch, timed in turn")  # fmt: skip
     print(f"    transformers generate          : {total / hf_s:8.1f} tokens/s ({hf_s:.3f} s)")
     out = {"transformers_tokens_per_s": total / hf_s}
-    for name, mg in models.items():
-        ours_s, ours = timed(lambda mg=mg: generate(mg, prompts, sampling=greedy), args.repeats)
+    for name in models:
+        ours_s, ours = best[name], outs[name]
         agree = sum(o.response_ids_R.tolist() == t.tolist() for o, t in zip(ours, theirs))
         print(f"    ours, {name:24s} : {total / ours_s:8.1f} tokens/s ({ours_s:.3f} s)  "
               f"ratio {hf_s / ours_s:.2f}x (target >= 1.0); same tokens {agree}/{len(prompts)}")  # fmt: skip
@@ -271,21 +287,20 @@ def bench_grpo_workload(hf, models, args):
     params = SamplingParams(temperature=1.0, max_new_tokens=N, eos_token_ids=eos)
     hf_sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                        num_return_sequences=G, eos_token_id=eos)  # fmt: skip
+    fns = {"transformers": lambda: hf_generate(hf, prompts, N, args.device, **hf_sampling)}
+    for name, mg in models.items():
+        fns[name] = lambda mg=mg: generate(mg, prompts, sampling=params, group_size=G, seed=0)
     with torch.no_grad():
-        hf_s, hf_out = timed(
-            lambda: hf_generate(hf, prompts, N, args.device, **hf_sampling), args.repeats
-        )
-    hf_rate = count_until_eos(hf_out, eos) / hf_s
+        best, outs = timed_interleaved(fns, args.repeats)
+    hf_s = best["transformers"]
+    hf_rate = count_until_eos(outs["transformers"], eos) / hf_s
     print(f"[3] GRPO rollout workload, {args.prompts} prompts x G={G}, prompt "
           f"~{args.share_prompt_len} tokens, <= {N} new tokens, T=1.0, EOS p~{args.eos_fraction}")  # fmt: skip
     print(f"    transformers (num_return_sequences): {hf_rate:8.1f} tokens/s ({hf_s:.3f} s)")
     out = {"transformers_tokens_per_s": hf_rate}
-    for name, mg in models.items():
-        ours_s, ours = timed(
-            lambda mg=mg: generate(mg, prompts, sampling=params, group_size=G, seed=0),
-            args.repeats,
-        )
-        rate = sum(o.num_tokens for o in ours) / ours_s
+    for name in models:
+        ours_s = best[name]
+        rate = sum(o.num_tokens for o in outs[name]) / ours_s
         print(f"    ours, {name:24s}     : {rate:8.1f} tokens/s ({ours_s:.3f} s)  "
               f"ratio {rate / hf_rate:.2f}x (target >= 1.0)")  # fmt: skip
         out[name] = {"tokens_per_s": rate, "ratio": rate / hf_rate}
