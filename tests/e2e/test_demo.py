@@ -1,6 +1,6 @@
 """End to end: ``vcap demo`` from the command line on a scaled-down setting (slow).
 
-The default demo (the README's main command) takes about 9.5 minutes on 2 idle cores; this runs
+The default demo (the README's main command) takes 6-7 minutes on 2 idle cores; this runs
 the same stages — synthetic data, tiny model directory, SFT and GRPO under torchrun on 2 gloo ranks,
 held-out evaluation of both checkpoints, the Hugging Face export (loaded back with transformers
 and generating on a held-out video), table, trend and plot — with fewer videos and steps.
