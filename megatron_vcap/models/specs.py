@@ -224,32 +224,35 @@ class CausalSDPAttention(_SDPACoreAttention):
 
 
 class _RotaryTrig:
-    """cos and signed sin of one rotary-embedding tensor, computed once for all the layers that
-    are handed that same tensor in one forward (``GPTModel`` passes one ``rotary_pos_emb`` to
-    every layer). A one-entry cache keyed by a weak reference to the tensor: a new forward's
-    embedding is a new tensor and recomputes."""
+    """cos and signed sin of one rotary-embedding tensor, in the activations' dtype, computed
+    once for all the layers that are handed that same tensor in one forward (``GPTModel`` passes
+    one ``rotary_pos_emb`` to every layer). A one-entry cache keyed by a weak reference to the
+    tensor and the dtype: a new forward's embedding is a new tensor and recomputes."""
 
     def __init__(self):
-        self._freqs_ref = None
+        self._key = None  # (weakref to freqs, dtype)
         self._trig = None
 
-    def __call__(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._freqs_ref is None or self._freqs_ref() is not freqs:
+    def __call__(
+        self, freqs: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self._key
+        if key is None or key[0]() is not freqs or key[1] != dtype:
             half = freqs.size(-1) // 2
             sin = torch.sin(freqs)
             # rotate_half(t) * sin == roll(t, half) * [-sin_first_half, sin_second_half]
             signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-            self._trig = (torch.cos(freqs), signed)
-            self._freqs_ref = weakref.ref(freqs)
+            self._trig = (torch.cos(freqs).to(dtype), signed.to(dtype))
+            self._key = (weakref.ref(freqs), dtype)
         return self._trig
 
 
 def _rotate(t: torch.Tensor, trig: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Megatron's unfused, non-interleaved rotary (``_apply_rotary_pos_emb_bshd`` with the
     rotary dim equal to the head dim), bit for bit, in four ops instead of about fifteen:
-    t [s, b, heads, d], cos / signed sin [s, b, 1, d]."""
+    t [s, b, heads, d], cos / signed sin [s, b, 1, d] in t's dtype."""
     cos, signed_sin = trig
-    return t * cos.to(t.dtype) + t.roll(t.size(-1) // 2, dims=-1) * signed_sin.to(t.dtype)
+    return t * cos + t.roll(t.size(-1) // 2, dims=-1) * signed_sin
 
 
 class RotaryCachedSelfAttention(SelfAttention):
@@ -292,7 +295,7 @@ class RotaryCachedSelfAttention(SelfAttention):
             and k_pos_emb.size(-1) == key.size(-1)
         )
         if fast:
-            trig = self._trig(k_pos_emb)
+            trig = self._trig(k_pos_emb, query.dtype)
             query, key = _rotate(query, trig), _rotate(key, trig)
             rotary_pos_emb = (None, None)  # both rotated here
         else:

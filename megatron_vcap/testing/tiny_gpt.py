@@ -73,15 +73,13 @@ def build_tiny_mrope_gpt(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
     )
-    from megatron_vcap.models.specs import RotaryCachedSelfAttention
+    from megatron_vcap.models.specs import CausalSDPAttention, RotaryCachedSelfAttention
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     # The model's own attention module (rotated keys in the decode cache), so that benchmarks
     # and tests of generation measure the code the VLM runs.
     spec.submodules.self_attention.module = RotaryCachedSelfAttention
     if cfg.core_attention == "sdpa":
-        from megatron_vcap.models.specs import CausalSDPAttention
-
         spec.submodules.self_attention.submodules.core_attention = CausalSDPAttention
     elif cfg.core_attention != "local":
         raise ValueError(f"core_attention: expected 'local' or 'sdpa', got {cfg.core_attention!r}")
