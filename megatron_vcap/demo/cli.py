@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -14,6 +15,7 @@ def run(args) -> int:
         sft_steps=args.sft_steps,
         grpo_steps=args.grpo_steps,
         grpo_temperature=args.grpo_temperature,
+        greedy_anchor=args.greedy_anchor,
         nproc=args.nproc,
         seed=args.seed,
     )
@@ -36,6 +38,13 @@ def register(sub) -> None:
         type=float,
         default=d.grpo_temperature,
         help=f"rollout temperature of the GRPO stage (default {d.grpo_temperature})",
+    )
+    p.add_argument(
+        "--greedy-anchor",
+        action=argparse.BooleanOptionalAction,
+        default=d.greedy_anchor,
+        help="decode one sample of each GRPO group greedily (grpo.greedy_anchor; default "
+        f"{'on' if d.greedy_anchor else 'off'})",
     )
     p.add_argument("--nproc", type=int, default=d.nproc, help="gloo ranks per stage")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -40,6 +40,10 @@ class DemoSettings:
     # is the answer greedy decoding gives; sampling near that answer (T = 0.5) moved the held-out
     # greedy score up where T = 1.0 moved the sampled reward but not the greedy one.
     grpo_temperature: float = 0.5
+    # One greedy sample per group (grpo.greedy_anchor): the held-out score is of greedy answers,
+    # and a greedy answer can fail where the T = 0.5 samples never do (a repetition loop up to
+    # max_new_tokens, no closing tag: format 0; 17 of 48 held-out clips in one earlier run).
+    greedy_anchor: bool = True
     nproc: int = 2
     seed: int = 0
     # Tiny model: hidden size, LM layers, vision depth.
@@ -301,7 +305,7 @@ def _run_stages(out: Path, s: DemoSettings) -> dict:
     timings["grpo"] = _train(
         s, common, out / "grpo", logs / "grpo.log", "train.mode=grpo",
         f"train.steps={s.grpo_steps}", f"train.lr={s.grpo_lr}", f"checkpoint.pretrained={sft_ckpt}",
-        f"rollout.temperature={s.grpo_temperature}",
+        f"rollout.temperature={s.grpo_temperature}", f"grpo.greedy_anchor={s.greedy_anchor}",
     )  # fmt: skip
     checkpoints = {"sft": sft_ckpt, "grpo": _final_checkpoint(out / "grpo")}
 

@@ -28,6 +28,12 @@ class GRPOConfig:
     # min(pi_trainer / pi_sampler, tis_cap) when the rollout engine's log-probs differ from the
     # trainer's (bf16 KV-cached decode vs full forward; see rollout/logp_gap_*). null = off.
     tis_cap: float | None = None
+    # Decode the first sample of each group greedily (the others at rollout.temperature). The
+    # evaluation decodes greedily; the anchor puts that answer in every group, so a greedy
+    # failure the sampled answers do not show (e.g. a repetition loop running to
+    # max_new_tokens) gets a negative advantage. Its tokens are scored at rollout.temperature
+    # like the rest; the policy-gradient estimate is then no longer purely on-policy.
+    greedy_anchor: bool = False
 
     def validate(self) -> None:
         if self.group_size < 1:
@@ -41,3 +47,5 @@ class GRPOConfig:
             raise ConfigError("updates_per_batch: must be >= 1")
         if self.tis_cap is not None and not self.tis_cap > 0:
             raise ConfigError(f"tis_cap: must be > 0 (or null to disable), got {self.tis_cap}")
+        if self.greedy_anchor and self.group_size < 2:
+            raise ConfigError("greedy_anchor: needs group_size >= 2 (one greedy, one sampled)")

@@ -78,7 +78,9 @@ class GRPOController:
         from megatron_vcap.rollout.generate import generate
 
         specs = [self.prompts.prompt_spec(item) for item in items]
-        sampling = self.prompts.sampling_params(self.cfg.rollout)
+        sampling = self.prompts.sampling_params(
+            self.cfg.rollout, greedy_anchor=self.cfg.grpo.greedy_anchor
+        )
         model = self.bundle.model
         model.eval()
         outputs = []

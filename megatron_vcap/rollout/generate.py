@@ -37,7 +37,12 @@ import torch.distributed as dist
 from megatron_vcap.config.loader import ConfigError
 from megatron_vcap.parallel.cpu_compat import device_redirect_suspended
 from megatron_vcap.rollout.kv_cache import SlotKVCache, new_prefill_context
-from megatron_vcap.rollout.sampling import SamplingParams, chosen_token_logprobs, sample_tokens
+from megatron_vcap.rollout.sampling import (
+    SamplingParams,
+    anchor_rows,
+    chosen_token_logprobs,
+    sample_tokens,
+)
 from megatron_vcap.rollout.stopping import DecodeFn, StopChecker
 from megatron_vcap.rollout.types import GenerationOutput, PromptSpec
 
@@ -183,9 +188,12 @@ class _Decoder:
     the cache is compacted. Compacting on every finish would copy the whole cache up to B times.
     """
 
-    def __init__(self, model, layout, cache, params, stopper, generator, tp_group, logprobs):
+    def __init__(
+        self, model, layout, cache, params, stopper, generator, tp_group, logprobs, group_size
+    ):
         self.model, self.layout, self.cache = model, layout, cache
         self.params, self.stopper, self.generator = params, stopper, generator
+        self.group_size = group_size
         self.tp_group, self.want_logprobs = tp_group, logprobs
         rows = layout.tokens_BC.size(0)
         device = layout.tokens_BC.device
@@ -200,13 +208,14 @@ class _Decoder:
         single = tp_group is None or dist.get_world_size(tp_group) == 1
         self._decode_scope = device_redirect_suspended if single else contextlib.nullcontext
 
-    def _choose(self, logits_bV: torch.Tensor) -> torch.Tensor:
+    def _choose(self, rows_b: torch.Tensor, logits_bV: torch.Tensor) -> torch.Tensor:
         group = self.tp_group
+        greedy_b = anchor_rows(rows_b, self.params, self.group_size)
         if group is None or dist.get_world_size(group) == 1:
-            return sample_tokens(logits_bV, self.params, self.generator)
+            return sample_tokens(logits_bV, self.params, self.generator, greedy_b)
         src = dist.get_global_rank(group, 0)
         if dist.get_rank() == src:
-            tokens_b = sample_tokens(logits_bV, self.params, self.generator)
+            tokens_b = sample_tokens(logits_bV, self.params, self.generator, greedy_b)
         else:
             tokens_b = torch.empty(logits_bV.size(0), dtype=torch.long, device=logits_bV.device)
         dist.broadcast(tokens_b, src=src, group=group)
@@ -216,7 +225,7 @@ class _Decoder:
         """Choose the next token of each of ``rows_b`` from its logits and record it."""
         if rows_b.numel() == 0:
             return
-        tokens_b = self._choose(logits_bV)
+        tokens_b = self._choose(rows_b, logits_bV)
         rows = rows_b.tolist()
         lengths_b = torch.tensor([len(self.responses[r]) for r in rows], device=rows_b.device)
         self.layout.tokens_BC[rows_b, self.layout.gen_start_B[rows_b] + lengths_b] = tokens_b
@@ -358,7 +367,8 @@ def generate(
             cache = SlotKVCache(layout.tokens_BC.size(0), layout.tokens_BC.size(1))
             first_logits_BV = _prefill(model, prompts, layout, cache, group_size, share_prefix)
             decoder = _Decoder(
-                model, layout, cache, sampling, stopper, generator, tp_group, return_logprobs
+                model, layout, cache, sampling, stopper, generator, tp_group, return_logprobs,
+                group_size,
             )
             decoder.run(first_logits_BV)
     finally:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from megatron_vcap.rollout.generate import _build_layout, _unwrap
 from megatron_vcap.rollout.kv_cache import SlotKVCache, new_prefill_context
-from megatron_vcap.rollout.sampling import chosen_token_logprobs, sample_tokens
+from megatron_vcap.rollout.sampling import anchor_rows, chosen_token_logprobs, sample_tokens
 
 
 @dataclass
@@ -154,16 +154,17 @@ class PipelinedGenerator:
 
     # -- token choice and bookkeeping (every rank) --------------------------------------------
 
-    def _choose(self, logits_bV: torch.Tensor | None, n: int):
+    def _choose(self, rows_b: torch.Tensor, logits_bV: torch.Tensor | None):
         """Tokens (and their log-probs) chosen on the last stage's first TP rank, broadcast
         to its TP group and then over the pipeline group."""
         stage = self.stage
-        packed = torch.empty(2, n, dtype=torch.float64, device=stage.device)
+        packed = torch.empty(2, rows_b.numel(), dtype=torch.float64, device=stage.device)
         if stage.is_last:
             tp = stage.tp_group
             leader = tp is None or dist.get_world_size(tp) == 1 or dist.get_rank(tp) == 0
             if leader:
-                tokens_b = sample_tokens(logits_bV, self.params, self.generator)
+                greedy_b = anchor_rows(rows_b, self.params, self.group)
+                tokens_b = sample_tokens(logits_bV, self.params, self.generator, greedy_b)
                 packed[0] = tokens_b.double()
                 if self.want_logprobs:
                     packed[1] = chosen_token_logprobs(logits_bV, tokens_b, self.params).double()
@@ -175,7 +176,7 @@ class PipelinedGenerator:
     def _emit(self, rows_b: torch.Tensor, logits_bV: torch.Tensor | None) -> None:
         if rows_b.numel() == 0:
             return
-        tokens_b, logp_b = self._choose(logits_bV, rows_b.numel())
+        tokens_b, logp_b = self._choose(rows_b, logits_bV)
         rows = rows_b.tolist()
         lengths = torch.tensor([len(self.responses[r]) for r in rows], device=rows_b.device)
         self.layout.tokens_BC[rows_b, self.layout.gen_start_B[rows_b] + lengths] = tokens_b

@@ -30,6 +30,10 @@ class SamplingParams:
     # log-probs are over the full vocabulary; these tokens' probability is negligible once the
     # policy has learnt the chat format.
     suppress_token_ids: list[int] = field(default_factory=list)
+    # GRPO's greedy anchor (``grpo.greedy_anchor``): the first sample of each group is the
+    # argmax decode, the others are drawn as above. Its log-probs are still reported at
+    # ``temperature``, the trainer's scale.
+    greedy_anchor: bool = False
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_p, self.top_k, self.max_new_tokens)
@@ -77,9 +81,15 @@ def filter_logits(logits_BV: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0
 
 
 def sample_tokens(
-    logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+    logits_BV: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    greedy_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next tokens_B: argmax when greedy, else a draw from the filtered, tempered softmax."""
+    """Next tokens_B: argmax when greedy, else a draw from the filtered, tempered softmax.
+
+    ``greedy_B`` (bool) marks rows that take the argmax whatever the temperature; every row
+    still draws, so the generator's stream does not depend on which rows are greedy."""
     if params.suppress_token_ids:
         logits_BV = logits_BV.clone()
         logits_BV[..., params.suppress_token_ids] = float("-inf")
@@ -88,7 +98,17 @@ def sample_tokens(
     scaled_BV = logits_BV.float() / params.temperature
     filtered_BV = filter_logits(scaled_BV, top_k=params.top_k, top_p=params.top_p)
     probs_BV = torch.softmax(filtered_BV, dim=-1)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+    tokens_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+    if greedy_B is not None:
+        tokens_B = torch.where(greedy_B, logits_BV.argmax(-1), tokens_B)
+    return tokens_B
+
+
+def anchor_rows(rows_B: torch.Tensor, params: SamplingParams, group_size: int):
+    """The greedy mask of ``rows_B`` (row r is sample r % group_size of its prompt), or None."""
+    if not params.greedy_anchor or params.greedy:
+        return None
+    return rows_B % group_size == 0
 
 
 def chosen_token_logprobs(

@@ -117,6 +117,31 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(model, prompts, oracle):
     assert [o.response_ids_R.tolist() for o in outs] == [t for t, _ in oracle]
 
 
+@pytest.mark.parametrize("kv_layout", ["left_pad", "aligned"])
+def test_greedy_anchor_decodes_the_first_sample_of_each_group_greedily(
+    model, prompts, oracle, kv_layout
+):
+    """grpo.greedy_anchor: sample 0 of every group is the argmax decode; the others are the
+    draws the same seed gives without the anchor (every row draws and, with no stops, every
+    step draws for the same rows, so the generator's stream is the same)."""
+    n = GREEDY.max_new_tokens
+    plain = SamplingParams(temperature=1.0, max_new_tokens=n)
+    anchored = SamplingParams(temperature=1.0, max_new_tokens=n, greedy_anchor=True)
+    kw = dict(group_size=3, seed=3, kv_layout=kv_layout, return_logprobs=True)
+    a = generate(model, prompts, sampling=anchored, **kw)
+    b = generate(model, prompts, sampling=plain, **kw)
+    assert [o.response_ids_R.tolist() for o in a if o.sample_index == 0] == [t for t, _ in oracle]
+    sampled_a = [o.response_ids_R.tolist() for o in a if o.sample_index > 0]
+    sampled_b = [o.response_ids_R.tolist() for o in b if o.sample_index > 0]
+    assert sampled_a == sampled_b
+    assert sampled_a[: len(prompts)] != [t for t, _ in oracle]  # the rest do sample
+    # The anchor's log-probs are at the sampling temperature, as the trainer scores them.
+    greedy_logp = generate(model, prompts, sampling=SamplingParams(temperature=0.0, max_new_tokens=n),
+                           seed=3, kv_layout=kv_layout, return_logprobs=True)  # fmt: skip
+    for o, g in zip([o for o in a if o.sample_index == 0], greedy_logp):
+        torch.testing.assert_close(o.logprobs_R, g.logprobs_R)
+
+
 def test_eos_stop_strings_and_stop_tokens_end_sequences(model, prompts, oracle):
     tokens0 = oracle[0][0]
     eos = tokens0[3]
