@@ -41,7 +41,6 @@ def build_tiny_mrope_gpt(
     rank's stage (its share of the layers; embedding on the first, output layer on the last)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
     cfg = cfg or TinyGPTConfig()
@@ -73,15 +72,17 @@ def build_tiny_mrope_gpt(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
     )
-    from megatron_vcap.models.specs import CausalSDPAttention, RotaryCachedSelfAttention
+    from megatron_vcap.models.specs import build_layer_spec
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    # The model's own attention module (rotated keys in the decode cache), so that benchmarks
-    # and tests of generation measure the code the VLM runs.
-    spec.submodules.self_attention.module = RotaryCachedSelfAttention
-    if cfg.core_attention == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = CausalSDPAttention
-    elif cfg.core_attention != "local":
+    # The VLM's own decoder layer (rotated keys in the decode cache, single-rank linear fast
+    # path, SDPA core attention), so that benchmarks and tests of generation measure the code the
+    # model runs; "local" puts Megatron's DotProductAttention back in.
+    spec = build_layer_spec(False, rms_norm=True, vision=False)
+    if cfg.core_attention == "local":
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        spec.submodules.self_attention.submodules.core_attention = DotProductAttention
+    elif cfg.core_attention != "sdpa":
         raise ValueError(f"core_attention: expected 'local' or 'sdpa', got {cfg.core_attention!r}")
     model = GPTModel(
         config=config,
