@@ -367,7 +367,14 @@ def generate(
             cache = SlotKVCache(layout.tokens_BC.size(0), layout.tokens_BC.size(1))
             first_logits_BV = _prefill(model, prompts, layout, cache, group_size, share_prefix)
             decoder = _Decoder(
-                model, layout, cache, sampling, stopper, generator, tp_group, return_logprobs,
+                model,
+                layout,
+                cache,
+                sampling,
+                stopper,
+                generator,
+                tp_group,
+                return_logprobs,
                 group_size,
             )
             decoder.run(first_logits_BV)

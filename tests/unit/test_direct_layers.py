@@ -66,7 +66,9 @@ def test_vlm_forward_equals_megatrons_bit_for_bit(single_rank, arch):
 
     hf_config = tiny_hf_config(arch)
     torch.manual_seed(0)
-    model = build_qwen_vl_model(hf_config, ModelConfig(params_dtype="fp32", transformer_impl="local"))
+    model = build_qwen_vl_model(
+        hf_config, ModelConfig(params_dtype="fp32", transformer_impl="local")
+    )
     model.eval()
     _perturb(model)
     kinds = {type(m) for m in _direct_modules(model)}
