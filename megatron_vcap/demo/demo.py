@@ -268,9 +268,39 @@ def _evaluate(s: DemoSettings, ckpt: Path, manifest: Path, out_json: Path, log: 
     return _run(_torchrun(s.nproc, args), log)
 
 
+# What a demo writes under its output directory (the rest of it is left alone).
+STAGE_OUTPUTS = ("data", "model", "sft", "grpo", "hf", "logs")
+
+
+def claim_out_dir(out: Path, s: DemoSettings) -> bool:
+    """Make ``out`` hold the demo of settings ``s``; returns whether an earlier run was cleared.
+
+    Rerunning with the same settings resumes (each stage continues from its last checkpoint,
+    a finished one is skipped). A directory left by other settings (another seed, size, step
+    count) or by a run that recorded none has its demo outputs removed: its checkpoints would
+    otherwise be resumed against the new data."""
+    record = out / "demo_settings.json"
+    settings = asdict(s)
+    previous = None
+    if record.exists():
+        try:
+            previous = json.loads(record.read_text())
+        except ValueError:
+            previous = None
+    stale = previous != settings and any((out / name).exists() for name in STAGE_OUTPUTS)
+    if stale:
+        print(f"[demo] {out} holds a demo run with other settings: starting afresh", flush=True)
+        for name in STAGE_OUTPUTS:
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2))
+    return stale
+
+
 def run_demo(out: Path, s: DemoSettings) -> dict:
     from megatron_vcap.trainer.run_logging import setup_run_logging
 
+    claim_out_dir(out, s)
     # This process's own library records and warnings go to <out>/logs/demo.log; each stage's
     # console goes to <out>/logs/<stage>.log (and its full record to <stage dir>/logs/).
     run_logging = setup_run_logging(out, 0, verbose=False, file_name="demo.log")

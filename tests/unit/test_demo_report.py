@@ -11,6 +11,8 @@ import math
 import pytest
 
 from megatron_vcap.demo.demo import (
+    DemoSettings,
+    claim_out_dir,
     compute_trend,
     format_trends,
     load_reward_series,
@@ -54,3 +56,21 @@ def test_plot_and_trend_table_from_metrics(tmp_path):
     total_line = next(line for line in table.splitlines() if line.startswith("total"))
     # First quarter steps 1-5: mean 1.15; last 16-20: mean 1.90.
     assert "1.150" in total_line and "1.900" in total_line and "+0.750" in total_line
+
+
+def test_a_rerun_resumes_and_other_settings_start_afresh(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert claim_out_dir(out, DemoSettings(seed=1)) is False  # new directory
+    (out / "sft" / "checkpoints").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    assert claim_out_dir(out, DemoSettings(seed=1)) is False  # same settings: resume
+    assert (out / "sft" / "checkpoints").is_dir()
+    assert claim_out_dir(out, DemoSettings(seed=2)) is True  # another seed: stale checkpoints
+    assert not (out / "sft").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # only the demo's own outputs go
+    assert "starting afresh" in capsys.readouterr().out
+    assert json.loads((out / "demo_settings.json").read_text())["seed"] == 2
+    # A run from before settings were recorded counts as other settings.
+    (out / "demo_settings.json").unlink()
+    (out / "grpo").mkdir()
+    assert claim_out_dir(out, DemoSettings(seed=2)) is True
