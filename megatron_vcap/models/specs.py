@@ -22,6 +22,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -394,6 +397,91 @@ class RotaryCachedSelfAttention(SelfAttention):
     """
 
     _trig = _RotaryTrig()  # shared by every layer: one forward hands them all the same tensor
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        # Configurations whose static-context forward is qkv, cache, rotary, core, projection
+        # (see ``forward``); the others run Megatron's forward.
+        self._direct = not (
+            cfg.flash_decode
+            or cfg.fused_single_qkv_rope
+            or cfg.attention_output_gate
+            or cfg.no_rope_freq
+            or cfg.cuda_graph_impl == "local"
+            or self.offload_qkv_linear
+            or self.offload_core_attention
+            or self.offload_attn_proj
+        )
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask,
+        key_value_states=None,
+        inference_context=None,
+        rotary_pos_emb=None,
+        rotary_pos_cos=None,
+        rotary_pos_sin=None,
+        rotary_pos_cos_sin=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        sequence_len_offset=None,
+        **kwargs,
+    ):
+        """Megatron's forward, except in a static inference context without autograd (prefill
+        and decode steps of ``rollout/generate.py``): there the same steps run (qkv projection,
+        the cache write of ``_adjust_key_value_for_inference``, rotary, core attention, output
+        projection) through the same methods, without the branches for the other settings."""
+        direct = (
+            self._direct
+            and inference_context is not None
+            and inference_context.is_static_batching()
+            and not self.training
+            and not torch.is_grad_enabled()
+            and key_value_states is None
+            and packed_seq_params is None
+            and rotary_pos_cos is None
+            and rotary_pos_sin is None
+            and rotary_pos_cos_sin is None
+            and not kwargs
+        )
+        if not direct:
+            return super().forward(
+                hidden_states, attention_mask, key_value_states, inference_context,
+                rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
+                attention_bias, packed_seq_params, sequence_len_offset, **kwargs,
+            )  # fmt: skip
+        if rotary_pos_emb is not None and not isinstance(rotary_pos_emb, tuple):
+            rotary_pos_emb = (rotary_pos_emb,) * 2
+        query, key, value = self.get_query_key_value_tensors(hidden_states, None)
+        query, key, value, rotary_pos_emb, attn_mask_type, _ = (
+            self._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb, None, None, None,
+                sequence_len_offset,
+            )
+        )  # fmt: skip
+        q_pos_emb, k_pos_emb = rotary_pos_emb if rotary_pos_emb is not None else (None, None)
+        rotary = dict(
+            config=self.config,
+            cu_seqlens=None,
+            mscale=_yarn_get_concentration_factor_from_config(self.config),
+            cp_group=self.pg_collection.cp,
+        )
+        if q_pos_emb is not None:
+            query = apply_rotary_pos_emb(query, q_pos_emb, **rotary)
+        if k_pos_emb is not None:
+            key = apply_rotary_pos_emb(key, k_pos_emb, **rotary)
+        core_out = self.core_attention(
+            query,
+            key,
+            value,
+            attention_mask,
+            attn_mask_type=attn_mask_type,
+            attention_bias=attention_bias,
+            packed_seq_params=None,
+        )
+        return self.linear_proj(core_out)
 
     def _adjust_key_value_for_inference(
         self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs

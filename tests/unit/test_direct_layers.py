@@ -10,6 +10,7 @@ from unittest import mock
 import pytest
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_vcap.models.presets import (
@@ -22,6 +23,7 @@ from megatron_vcap.models.specs import (
     DirectColumnParallelLinear,
     DirectRowParallelLinear,
     DirectTransformerLayer,
+    RotaryCachedSelfAttention,
 )
 
 VID = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -41,21 +43,22 @@ def _perturb(model) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def _megatron_paths_forbidden():
-    """Patches that fail if Megatron's own forward runs for a module of a direct class (the
+def _megatron_paths_forbidden(direct=DIRECT):
+    """Patches that fail if Megatron's own forward runs for a module of a ``direct`` class (the
     output layer is Megatron's plain ``ColumnParallelLinear`` and keeps running)."""
 
     def forbid(cls):
         original = cls.forward
 
         def forward(self, *args, **kwargs):
-            if isinstance(self, DIRECT):
+            if isinstance(self, direct):
                 raise AssertionError(f"{cls.__name__}.forward ran: the direct path was not taken")
             return original(self, *args, **kwargs)
 
         return mock.patch.object(cls, "forward", forward)
 
-    return forbid(TransformerLayer), forbid(ColumnParallelLinear), forbid(RowParallelLinear)
+    classes = (TransformerLayer, ColumnParallelLinear, RowParallelLinear, SelfAttention)
+    return tuple(forbid(cls) for cls in classes)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
@@ -91,14 +94,14 @@ def test_vlm_forward_equals_megatrons_bit_for_bit(single_rank, arch):
     with torch.enable_grad():  # autograd on: Megatron's forwards run
         reference = model(*args, **video).detach()
     patches = _megatron_paths_forbidden()
-    with torch.no_grad(), patches[0], patches[1], patches[2]:
+    with torch.no_grad(), patches[0], patches[1], patches[2], patches[3]:
         direct = model(*args, **video)
     assert torch.equal(direct, reference)
 
 
 def test_kv_cached_decoding_equals_megatrons_bit_for_bit(single_rank):
     """Prefill, decode steps with a left-padding mask, compaction: same tokens and log-probs
-    with the direct paths switched off."""
+    with the direct paths switched off (attention's too: its static-context forward)."""
     from megatron_vcap.rollout.generate import generate
     from megatron_vcap.rollout.sampling import SamplingParams
     from megatron_vcap.rollout.types import PromptSpec
@@ -111,10 +114,10 @@ def test_kv_cached_decoding_equals_megatrons_bit_for_bit(single_rank):
     prompts = [PromptSpec.from_text_ids(torch.randint(0, 64, (n,), generator=g)) for n in (9, 4)]
     params = SamplingParams(temperature=0.8, max_new_tokens=12, eos_token_ids=[3, 7, 11])
     kw = dict(sampling=params, group_size=3, seed=2, return_logprobs=True)
-    patches = _megatron_paths_forbidden()
-    with patches[0], patches[1], patches[2]:
+    patches = _megatron_paths_forbidden((*DIRECT, RotaryCachedSelfAttention))
+    with patches[0], patches[1], patches[2], patches[3]:
         fast = generate(model, prompts, **kw)
-    modules = _direct_modules(model)
+    modules = [m for m in model.modules() if hasattr(m, "_direct")]
     assert modules
     for m in modules:
         m._direct = False
