@@ -80,8 +80,12 @@ def _generate(model, ctx, **kw):
         model, _prompts(), sampling=sampled, group_size=2, seed=7, return_logprobs=True,
         **groups, **kw,
     )  # fmt: skip
+    # grpo.greedy_anchor: sample 0 of each group decoded greedily, at every layout.
+    anchored = SamplingParams(temperature=1.0, max_new_tokens=8, greedy_anchor=True)
+    out_a = generate(model, _prompts(), sampling=anchored, group_size=2, seed=7, **groups, **kw)
     return {
         "greedy": [o.response_ids_R.tolist() for o in out_g],
+        "anchored": [o.response_ids_R.tolist() for o in out_a],
         "sampled": [(o.response_ids_R.tolist(), o.finish_reason) for o in out_s],
         "logp": [o.logprobs_R for o in out_s],
     }
@@ -172,11 +176,14 @@ def test_pp2_and_tp2pp2_generation_and_pp2_grpo_update_match_pp1(workspace):
     ranks = run_on_ranks(_run, 4, workspace, timeout=1100)
     ref = ranks[0]["pp1"]
     assert len({tuple(t) for t in ref["greedy"][::2]}) == 3  # the prompts differ
+    assert ref["anchored"][::2] == ref["greedy"][::2]  # the anchors are the greedy decodes
+    assert ref["anchored"][1::2] != ref["greedy"][1::2]  # the others sample
     for rank, res in enumerate(ranks):
         for layout in ("pp2", "pp2_mb3", "tp2pp2"):
             got = res[layout]
             assert got["greedy"] == ref["greedy"], (rank, layout)
             assert got["sampled"] == ref["sampled"], (rank, layout)
+            assert got["anchored"] == ref["anchored"], (rank, layout)
             for a, b in zip(got["logp"], ref["logp"]):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
