@@ -14,6 +14,7 @@ def run(args) -> int:
         num_eval=args.num_eval,
         sft_steps=args.sft_steps,
         grpo_steps=args.grpo_steps,
+        grpo_lr=args.grpo_lr,
         grpo_temperature=args.grpo_temperature,
         greedy_anchor=args.greedy_anchor,
         nproc=args.nproc,
@@ -33,6 +34,12 @@ def register(sub) -> None:
     p.add_argument("--num-eval", type=int, default=d.num_eval)
     p.add_argument("--sft-steps", type=int, default=d.sft_steps)
     p.add_argument("--grpo-steps", type=int, default=d.grpo_steps)
+    p.add_argument(
+        "--grpo-lr",
+        type=float,
+        default=d.grpo_lr,
+        help=f"learning rate of the GRPO stage (default {d.grpo_lr:g})",
+    )
     p.add_argument(
         "--grpo-temperature",
         type=float,

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_vcap.models import specs
 from megatron_vcap.models.config import ModelConfig
+from megatron_vcap.models.direct_gpt import DirectGPTModel
 from megatron_vcap.models.hf_config import QwenVLSpec, describe_hf_config, load_hf_config
 from megatron_vcap.models.megatron_config import MegatronConfigs, build_megatron_configs
 from megatron_vcap.models.vision import QwenVisionModel
@@ -70,7 +70,7 @@ class QwenVLModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.vision = QwenVisionModel(configs, spec, use_te) if pre_process else None
-        self.language_model = GPTModel(
+        self.language_model = DirectGPTModel(
             config=configs.language,
             transformer_layer_spec=specs.build_layer_spec(use_te, rms_norm=True, vision=False),
             vocab_size=spec.vocab_size,
@@ -129,7 +129,7 @@ class QwenVLModel(MegatronModule):
 
     def _embed(self, input_ids, vision_inputs, in_decode: bool, video_index=None) -> torch.Tensor:
         """Token embeddings with vision tokens placed at their pad tokens: [S, B, H]."""
-        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        embeddings = self.language_model.embed_tokens(input_ids)
         image, video = self.encode_vision(*vision_inputs)
         if video is not None and video_index is not None:
             # Each distinct video was encoded once; repeat its tokens for every use, in order.

@@ -202,6 +202,10 @@ class _Decoder:
         self.responses: list[list[int]] = [[] for _ in range(rows)]
         self.logprobs: list[list[float]] = [[] for _ in range(rows)]
         self.finish: list[str | None] = [None] * rows
+        # Kept on the host so that a decode step needs no device reads to know that every row
+        # of the batch is generating and none has finished (the common case).
+        self._done_in_batch = 0
+        self._last_start = int(layout.gen_start_B.max())
         # One stage and one TP rank: a decode step only reads and writes the preallocated cache,
         # so the CPU device redirect (a Python call on every torch op) can step aside. TP's
         # gathers allocate on torch.cuda.current_device(), which needs the redirect.
@@ -239,18 +243,19 @@ class _Decoder:
             self.finish[row] = self.stopper.check(self.responses[row])
             if self.finish[row] is not None:
                 self.done_all[row] = True
+                self._done_in_batch += 1
 
     @property
     def all_done(self) -> bool:
         return all(f is not None for f in self.finish)
 
     def compact(self, used_columns: int) -> None:
-        done_b = self.done_all[self.batch_B]
-        num_done = int(done_b.sum())
+        num_done = self._done_in_batch
         if num_done == 0 or num_done < max(1, self.batch_B.numel() // 4):
             return
-        keep_b = (~done_b).nonzero().flatten()
+        keep_b = (~self.done_all[self.batch_B]).nonzero().flatten()
         self.batch_B = self.batch_B[keep_b]
+        self._done_in_batch = 0
         if keep_b.numel():
             self.cache.keep_rows(keep_b, used_columns)
 
@@ -270,9 +275,12 @@ class _Decoder:
             self.cache.context,
             {},
         )
-        # Rows still reading their prompt (aligned layout) only refresh their cache here.
-        generating_B = (layout.gen_start_B[batch_B] <= column) & ~self.done_all[batch_B]
-        self.emit(batch_B[generating_B], logits_BV[generating_B])
+        if self._done_in_batch == 0 and column >= self._last_start:
+            self.emit(batch_B, logits_BV)
+        else:
+            # Rows still reading their prompt (aligned layout) only refresh their cache here.
+            generating_B = (layout.gen_start_B[batch_B] <= column) & ~self.done_all[batch_B]
+            self.emit(batch_B[generating_B], logits_BV[generating_B])
         self.compact(column + 1)
         self.cache.advance()
 

@@ -40,7 +40,6 @@ def build_tiny_mrope_gpt(
     """Build the model (random init from the current torch seed) in eval mode; at PP > 1 this
     rank's stage (its share of the layers; embedding on the first, output layer on the last)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
     cfg = cfg or TinyGPTConfig()
@@ -72,6 +71,7 @@ def build_tiny_mrope_gpt(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
     )
+    from megatron_vcap.models.direct_gpt import DirectGPTModel
     from megatron_vcap.models.specs import build_layer_spec
 
     # The VLM's own decoder layer (rotated keys in the decode cache, single-rank linear fast
@@ -84,7 +84,7 @@ def build_tiny_mrope_gpt(
         spec.submodules.self_attention.submodules.core_attention = DotProductAttention
     elif cfg.core_attention != "sdpa":
         raise ValueError(f"core_attention: expected 'local' or 'sdpa', got {cfg.core_attention!r}")
-    model = GPTModel(
+    model = DirectGPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=cfg.vocab_size,

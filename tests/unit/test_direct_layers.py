@@ -1,7 +1,8 @@
 """The single-rank, no-autograd fast paths of the local layers (``models/specs``:
-``DirectTransformerLayer``, ``DirectColumnParallelLinear``, ``DirectRowParallelLinear``) against
-Megatron's own forwards, bit for bit: the VLM's full forward (vision tower, merger, decoder) and
-KV-cached decoding with log-probs."""
+``DirectTransformerLayer``, ``DirectColumnParallelLinear``, ``DirectRowParallelLinear``) and of the
+language model (``models/direct_gpt.DirectGPTModel``) against Megatron's own forwards, bit for
+bit: the VLM's full forward (vision tower, merger, decoder), the mRoPE table and KV-cached
+decoding with log-probs."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from unittest import mock
 
 import pytest
 import torch
+from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_vcap.models.direct_gpt import DirectGPTModel
 from megatron_vcap.models.presets import (
     build_tiny_inputs,
     build_tiny_processor,
@@ -57,7 +60,7 @@ def _megatron_paths_forbidden(direct=DIRECT):
 
         return mock.patch.object(cls, "forward", forward)
 
-    classes = (TransformerLayer, ColumnParallelLinear, RowParallelLinear, SelfAttention)
+    classes = (TransformerLayer, ColumnParallelLinear, RowParallelLinear, SelfAttention, GPTModel)
     return tuple(forbid(cls) for cls in classes)
 
 
@@ -95,7 +98,7 @@ def test_vlm_forward_equals_megatrons_bit_for_bit(single_rank, arch):
         reference = model(*args, **video).detach()
     patches = _megatron_paths_forbidden()
     with torch.no_grad(), patches[0], patches[1], patches[2], patches[3]:
-        direct = model(*args, **video)
+        direct = model(*args, **video)  # no inference context: GPTModel's own forward runs
     assert torch.equal(direct, reference)
 
 
@@ -114,8 +117,8 @@ def test_kv_cached_decoding_equals_megatrons_bit_for_bit(single_rank):
     prompts = [PromptSpec.from_text_ids(torch.randint(0, 64, (n,), generator=g)) for n in (9, 4)]
     params = SamplingParams(temperature=0.8, max_new_tokens=12, eos_token_ids=[3, 7, 11])
     kw = dict(sampling=params, group_size=3, seed=2, return_logprobs=True)
-    patches = _megatron_paths_forbidden((*DIRECT, RotaryCachedSelfAttention))
-    with patches[0], patches[1], patches[2], patches[3]:
+    patches = _megatron_paths_forbidden((*DIRECT, RotaryCachedSelfAttention, DirectGPTModel))
+    with patches[0], patches[1], patches[2], patches[3], patches[4]:
         fast = generate(model, prompts, **kw)
     modules = [m for m in model.modules() if hasattr(m, "_direct")]
     assert modules
@@ -130,3 +133,23 @@ def test_kv_cached_decoding_equals_megatrons_bit_for_bit(single_rank):
     for a, b in zip(fast, slow):
         assert a.response_ids_R.tolist() == b.response_ids_R.tolist()
         assert torch.equal(a.logprobs_R, b.logprobs_R)
+
+
+@pytest.mark.parametrize("section", [[2, 1, 1], [4, 6, 6]])
+def test_mrope_table_equals_megatrons_bit_for_bit(single_rank, section):
+    """``DirectGPTModel.mrope_embedding`` against Megatron's ``MultimodalRotaryEmbedding`` on
+    positions whose three axes differ (video tokens), up to 10^5."""
+    from megatron_vcap.testing.tiny_gpt import TinyGPTConfig, build_tiny_mrope_gpt
+
+    head_dim = 2 * sum(section)
+    model = build_tiny_mrope_gpt(
+        TinyGPTConfig(hidden_size=2 * head_dim, num_attention_heads=2, mrope_section=section)
+    )
+    assert isinstance(model, DirectGPTModel) and model._direct
+    g = torch.Generator().manual_seed(3)
+    positions = torch.randint(0, 100_000, (3, 5, 7), generator=g)
+    positions[:, 0] = torch.arange(7)  # a text row: the three axes equal
+    reference = model.rotary_pos_emb(positions, model.mrope_section)
+    fast = model.mrope_embedding(positions)
+    assert fast.shape == reference.shape
+    assert torch.equal(fast, reference)
