@@ -296,9 +296,10 @@ class _Decoder:
         # existing tensors, so it runs without the CPU device redirect (see __init__).
         with self._decode_scope():
             while not self.all_done:
-                starting_B = layout.gen_start_B[pending_B] == column
-                self.emit(pending_B[starting_B], first_logits_BV[pending_B[starting_B]])
-                pending_B = pending_B[~starting_B]
+                if pending_B.numel():
+                    starting_B = layout.gen_start_B[pending_B] == column
+                    self.emit(pending_B[starting_B], first_logits_BV[pending_B[starting_B]])
+                    pending_B = pending_B[~starting_B]
                 self.compact(column)
                 if self.all_done:
                     break
