@@ -15,6 +15,7 @@ def run(args) -> int:
         sft_steps=args.sft_steps,
         grpo_steps=args.grpo_steps,
         grpo_lr=args.grpo_lr,
+        grpo_warmup_steps=args.grpo_warmup_steps,
         grpo_temperature=args.grpo_temperature,
         greedy_anchor=args.greedy_anchor,
         nproc=args.nproc,
@@ -39,6 +40,12 @@ def register(sub) -> None:
         type=float,
         default=d.grpo_lr,
         help=f"learning rate of the GRPO stage (default {d.grpo_lr:g})",
+    )
+    p.add_argument(
+        "--grpo-warmup-steps",
+        type=int,
+        default=d.grpo_warmup_steps,
+        help=f"linear learning-rate warmup of the GRPO stage (default {d.grpo_warmup_steps})",
     )
     p.add_argument(
         "--grpo-temperature",
