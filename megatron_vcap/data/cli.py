@@ -7,6 +7,7 @@ Heavy imports (torch, decoders) stay inside the handlers so ``vcap --help`` stay
 
 from __future__ import annotations
 
+import os
 import sys
 
 from megatron_vcap.config.loader import ConfigError
@@ -27,6 +28,7 @@ def _synth(args) -> int:
             eval_fraction=args.eval_fraction,
             write_tokenizer=not args.no_tokenizer,
             show_progress=True,
+            workers=args.workers,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -97,6 +99,13 @@ def register(subparsers) -> None:
         help="also write train.jsonl / eval.jsonl with this share held out for evaluation",
     )
     p.add_argument("--no-tokenizer", action="store_true", help="skip writing tokenizer/")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes rendering and encoding videos (default: the CPU count); the output does "
+        "not depend on it",
+    )
     p.set_defaults(func=_synth)
 
     p = sub.add_parser(

@@ -302,6 +302,35 @@ def tokenizer_corpus(
     return texts
 
 
+@dataclass(frozen=True)
+class _VideoJob:
+    """Render, encode and describe video ``i`` of a dataset (picklable, for a process pool)."""
+
+    videos_dir: Path
+    seed: int
+    width: int
+    height: int
+    fps: float
+    seconds: float
+
+    def __call__(self, i: int) -> Sample:
+        rng = np.random.default_rng([self.seed, i])
+        scene = random_scene(rng, self.width, self.height, self.seconds)
+        num_frames = max(2, int(round(self.fps * self.seconds)))
+        frames = (render_frame(scene, k / self.fps) for k in range(num_frames))
+        path = write_mp4(
+            self.videos_dir / f"synth_{i:05d}.mp4",
+            frames,
+            fps=self.fps,
+            width=self.width,
+            height=self.height,
+        )
+        caption, structure, events = describe_scene(scene)
+        return Sample(
+            f"synth_{i:05d}", str(path.resolve()), caption, subjects=structure, events=events
+        )
+
+
 def make_synthetic_dataset(
     out_dir: str | os.PathLike,
     num_videos: int,
@@ -314,9 +343,12 @@ def make_synthetic_dataset(
     eval_fraction: float = 0.0,
     write_tokenizer: bool = True,
     show_progress: bool = False,
+    workers: int = 1,
 ) -> SynthPaths:
     """Write ``num_videos`` MP4s, ``manifest.jsonl`` (+ train/eval split) and ``tokenizer/``
-    (``show_progress``: a bar on a terminal's stderr)."""
+    (``show_progress``: a bar on a terminal's stderr). ``workers`` > 1 renders and encodes the
+    videos in that many processes; each video depends only on ``(seed, index)``, so the files
+    and the manifest are the same for any ``workers``."""
     if num_videos < 1:
         raise ValueError(f"num_videos: must be >= 1, got {num_videos}")
     if width < 16 or height < 16 or fps <= 0 or seconds <= 0:
@@ -325,21 +357,20 @@ def make_synthetic_dataset(
         raise ValueError(f"eval_fraction: must be in [0, 1), got {eval_fraction}")
     root = Path(out_dir)
     videos_dir = root / "videos"
-    num_frames = max(2, int(round(fps * seconds)))
-    samples = []
-    for i in progress(range(num_videos), desc="videos", unit="video", enabled=show_progress):
-        rng = np.random.default_rng([seed, i])
-        scene = random_scene(rng, width, height, seconds)
-        frames = (render_frame(scene, k / fps) for k in range(num_frames))
-        path = write_mp4(
-            videos_dir / f"synth_{i:05d}.mp4", frames, fps=fps, width=width, height=height
-        )
-        caption, structure, events = describe_scene(scene)
-        samples.append(
-            Sample(
-                f"synth_{i:05d}", str(path.resolve()), caption, subjects=structure, events=events
-            )
-        )
+    job = _VideoJob(videos_dir, seed, width, height, fps, seconds)
+    indices = range(num_videos)
+    bar = dict(desc="videos", unit="video", enabled=show_progress, total=num_videos)
+    workers = max(1, min(workers, num_videos // 16))  # a pool pays off from a few dozen videos
+    if workers == 1:
+        samples = [job(i) for i in progress(indices, **bar)]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: the caller may hold threads (torch, a judge) that a fork would copy mid-state.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            samples = list(progress(pool.map(job, indices, chunksize=8), **bar))
     manifest = write_manifest(root / "manifest.jsonl", samples)
     train = evaluation = None
     if eval_fraction > 0:

@@ -321,7 +321,7 @@ def _run_stages(out: Path, s: DemoSettings) -> dict:
     print(f"[demo] synthetic data: {s.num_train} train + {s.num_eval} held-out videos", flush=True)
     total = s.num_train + s.num_eval
     data = make_synthetic_dataset(out / "data", total, seed=s.seed,
-                                  eval_fraction=s.num_eval / total)  # fmt: skip
+                                  eval_fraction=s.num_eval / total, workers=s.nproc)  # fmt: skip
     model_dir = build_model_dir(out, data.tokenizer_dir, s)
     common = [f"model.hf_path={model_dir}", f"data.train_manifest={data.train_manifest}",
               f"data.eval_manifest={data.eval_manifest}", "checkpoint.load=auto"]  # fmt: skip
