@@ -45,7 +45,8 @@ def register(sub) -> None:
         "--grpo-warmup-steps",
         type=int,
         default=d.grpo_warmup_steps,
-        help=f"linear learning-rate warmup of the GRPO stage (default {d.grpo_warmup_steps})",
+        help=f"linear learning-rate warmup of the GRPO stage, at most a quarter of its steps "
+        f"(default {d.grpo_warmup_steps})",
     )
     p.add_argument(
         "--grpo-temperature",
