@@ -187,10 +187,10 @@ def test_a_process_pool_writes_the_same_dataset(tmp_path):
     assert lines_one == lines_two
     assert len(lines_one.splitlines()) == 32
     for video in sorted(one.videos_dir.iterdir()):
-        a, b = _decoded(video), _decoded(two.videos_dir / video.name)
+        a, b = _all_frames(video), _all_frames(two.videos_dir / video.name)
         assert a.shape == b.shape and np.array_equal(a, b), video.name
 
 
-def _decoded(path) -> np.ndarray:
+def _all_frames(path) -> np.ndarray:
     with av.open(str(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
